@@ -1,0 +1,1 @@
+"""minillm: a trainable mini-LLM framework."""

@@ -1,0 +1,70 @@
+"""Attention registry: every kind by name, with the presets that distinguish its variants.
+
+Adding a kind = one file in this folder, one line in ``ATTENTION``, one ``conf/attn/<kind>.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from minillm.attention.base import ROLES, Attention
+from minillm.attention.cache import KVCache, RecurrentState, RollingKVCache
+from minillm.attention.mha import MultiHeadAttention
+
+# key -> (class, preset knobs). Variants that differ only in numbers are presets, not classes.
+ATTENTION: dict[str, tuple[type[Attention], dict[str, Any]]] = {
+    "mha": (MultiHeadAttention, {}),
+    "mqa": (MultiHeadAttention, {"n_kv_heads": 1}),
+    "gqa": (MultiHeadAttention, {"n_kv_heads": 2}),
+}
+
+__all__ = [
+    "ATTENTION",
+    "ROLES",
+    "Attention",
+    "KVCache",
+    "RecurrentState",
+    "RollingKVCache",
+    "attention_config",
+    "build_attention",
+    "kinds_for_role",
+]
+
+
+def kinds_for_role(role: str) -> list[str]:
+    """Registry keys whose kind can serve in ``role``."""
+    return [key for key, (cls, _) in ATTENTION.items() if role in cls.roles]
+
+
+def attention_config(cfg: Mapping[str, Any] | str) -> tuple[type[Attention], Any]:
+    """Resolve ``{"kind": key, **knobs}`` (or a bare key) to (class, filled Config)."""
+    cfg = {"kind": cfg} if isinstance(cfg, str) else dict(cfg)
+    kind = cfg.pop("kind", None)
+    if kind not in ATTENTION:
+        raise ValueError(
+            f"unknown attention kind {kind!r}; valid kinds: {', '.join(sorted(ATTENTION))}"
+        )
+    cls, preset = ATTENTION[kind]
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise ValueError(
+            f"attention kind {kind!r} has no option(s) {unknown}; its options are {sorted(fields)}"
+        )
+    return cls, cls.Config(**{**preset, **cfg})
+
+
+def build_attention(cfg: Mapping[str, Any] | str, dim: int, n_heads: int, role: str) -> Attention:
+    """Build the kind named by ``cfg["kind"]`` for ``role`` (causal, bidirectional or cross)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown attention role {role!r}; roles are {', '.join(ROLES)}")
+    cls, config = attention_config(cfg)
+    if role not in cls.roles:
+        kind = cfg if isinstance(cfg, str) else cfg["kind"]
+        raise ValueError(
+            f"attention kind {kind!r} cannot serve as {role} attention; kinds that can: "
+            f"{', '.join(kinds_for_role(role))}"
+        )
+    return cls(config, dim, n_heads, role)

@@ -1,0 +1,82 @@
+"""The interface every attention kind implements (see DESIGN.md, "The attention interface").
+
+A kind is an ``nn.Module`` with a nested ``Config`` dataclass holding its own knobs, the
+``roles`` it can fill, ``forward`` (whole sequence -> parallel form; new tokens with a cache ->
+step form) and ``init_cache`` returning its own cache type.
+
+Shapes used throughout: ``B`` batch, ``T`` query tokens, ``S`` key tokens (memory or cache),
+``H`` query heads, ``H_kv`` key/value heads, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+ROLES = ("causal", "bidirectional", "cross")
+
+
+class Attention(nn.Module):
+    """Base class: projections are built by subclasses; this holds the shared bookkeeping.
+
+    ``forward(x, *, positions, cache=None, memory=None, mask=None)``:
+
+    - ``x`` (B, T, dim) queries (and keys/values for self-attention roles).
+    - ``positions`` (B, T) long, absolute position of each query token (left-padded rows start
+      counting at their first real token). Kinds without positional encoding ignore it.
+    - ``cache`` the object returned by ``init_cache``; when given, the new keys/values are
+      appended to it and the output attends over everything it holds.
+    - ``memory`` (B, S, dim) encoder output, only for the ``cross`` role.
+    - ``mask`` (B, S) bool, True where a *key* is a real token: for self roles the keys are
+      ``x`` itself (S = T), for ``cross`` they are ``memory``. ``None`` means no padding.
+    """
+
+    roles: ClassVar[tuple[str, ...]] = ()
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, cfg: Any, dim: int, n_heads: int, role: str) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
+        self.cfg = cfg
+        self.dim = dim
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.role = role
+
+    @property
+    def causal(self) -> bool:
+        return self.role == "causal"
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Normal(0, std) for every linear map, ``out_std`` for ``o_proj``, zero biases.
+
+        Kinds with extra parameters (gates, norms) override and call ``super()``.
+        """
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, out_std if name == "o_proj" else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def init_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> Any:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        positions: Tensor,
+        cache: Any = None,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        raise NotImplementedError
