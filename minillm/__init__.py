@@ -1,1 +1,8 @@
-"""minillm: a trainable mini-LLM framework."""
+"""minillm: a trainable mini-LLM framework.
+
+``minillm.load_checkpoint(path)`` -> (model, tokenizer), without Hydra or Lightning.
+"""
+
+from minillm.checkpoint import load_checkpoint
+
+__all__ = ["load_checkpoint"]

@@ -85,6 +85,8 @@ def load_documents(
     cfg = DataConfig.coerce(cfg)
     if cfg.source not in SOURCES:
         raise ValueError(f"unknown data.source {cfg.source!r}; choose from {sorted(SOURCES)}")
+    if cfg.valid_files and cfg.source != "text":
+        raise ValueError(f"data.valid_files needs data.source=text, not {cfg.source!r}")
     train, valid = SOURCES[cfg.source](cfg, cache_dir)
     train = _clean(train, cfg, _describe(cfg, cfg.files))
     if valid is None:
@@ -105,8 +107,9 @@ def _text(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     if not cfg.files:
         raise ValueError("data.source=text needs data.files (a list of paths or globs)")
+    train = _read_files(cfg.files, cfg, cache_dir)
     valid = _read_files(cfg.valid_files, cfg, cache_dir) if cfg.valid_files else None
-    return _read_files(cfg.files, cfg, cache_dir), valid
+    return train, valid
 
 
 def _hf(cfg: DataConfig, cache_dir: str | None) -> tuple[datasets.Dataset, None]:
@@ -119,7 +122,8 @@ def _hf(cfg: DataConfig, cache_dir: str | None) -> tuple[datasets.Dataset, None]
                 raise ValueError(f"{cfg.name} has no split {cfg.split!r}; it has {list(ds)}")
             ds = ds[cfg.split]
     else:
-        ds = datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, cache_dir=cache_dir)
+        # hub downloads go to the shared HF cache, not ours
+        ds = datasets.load_dataset(cfg.name, cfg.config, split=cfg.split)
     return _text_column(ds, cfg.text_field, cfg.name), None
 
 
@@ -202,14 +206,24 @@ def _describe(cfg: DataConfig, files: list[str]) -> str:
 
 def _clean(ds: datasets.Dataset, cfg: DataConfig, origin: str) -> datasets.Dataset:
     """Drop empty documents, cap at `max_docs`, and fail loudly on an empty corpus."""
-    keep = [i for i, t in enumerate(ds["text"]) if t is not None and t.strip()]
-    if not keep:
+    # keep_in_memory: the kept-row index stays in RAM instead of a cache file written
+    # next to the user's data (e.g. inside a save_to_disk folder).
+    ds = ds.filter(
+        _non_empty,
+        batched=True,
+        input_columns="text",
+        keep_in_memory=True,
+        desc="Dropping empty docs",
+    )
+    if len(ds) == 0:
         raise ValueError(f"the corpus is empty: no non-empty documents in {origin}")
-    if len(keep) < len(ds):
-        ds = ds.select(keep)
     if cfg.max_docs is not None and len(ds) > cfg.max_docs:
         ds = ds.select(range(cfg.max_docs))
     return ds
+
+
+def _non_empty(texts: list[str | None]) -> list[bool]:
+    return [bool(t and t.strip()) for t in texts]
 
 
 def _split_by_document(docs: datasets.Dataset, cfg: DataConfig) -> datasets.DatasetDict:

@@ -1,0 +1,233 @@
+"""Language-modelling data: documents -> token stream -> fixed blocks of max_len + 1.
+
+Each document's tokens are followed by <eos> and the documents are concatenated, then cut
+into non-overlapping blocks of `max_len + 1` tokens; a block gives `input_ids` (all but
+the last token) and `labels` (all but the first). The train remainder is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+import lightning as L
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset
+
+from minillm.data.sampler import ResumableBatchSampler
+from minillm.data.sources import DataConfig, load_documents
+from minillm.data.tokenizer import (
+    EOS_ID,
+    check_special_tokens,
+    corpus_fingerprint,
+    load_or_train_tokenizer,
+)
+
+# Bump when a change here makes previously cached token files wrong.
+TOKENIZED_VERSION = 1
+
+logger = logging.getLogger(__name__)
+
+
+class LMDataModule(L.LightningDataModule):
+    """Packed next-token blocks with a resumable, DDP-sharded training order.
+
+    The training order is a pure function of (seed, global batch position), and
+    `train_dataloader` starts at `trainer.global_step * accumulate`, so a run resumed from
+    a checkpoint continues with the batches an uninterrupted run would have seen. The
+    trainer must be built with `use_distributed_sampler=False`: the batch sampler already
+    shards by rank.
+    """
+
+    def __init__(
+        self,
+        data: DataConfig | Mapping[str, Any],
+        *,
+        max_len: int,
+        batch_size: int,
+        seed: int = 1234,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        tokenizer: Tokenizer | None = None,
+        total_steps: int | None = None,
+        accumulate: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.cfg = DataConfig.coerce(data)
+        self.max_len, self.batch_size, self.seed = max_len, batch_size, seed
+        self.eval_batch_size = self.cfg.eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.total_steps, self.accumulate = total_steps, accumulate
+        default_cache = os.environ.get("MINILLM_CACHE") or os.path.expanduser("~/.cache/minillm")
+        self.cache_dir = cache_dir or default_cache
+        self.tokenizer = tokenizer  # a given tokenizer is used as is, never retrained
+        self.vocab_size: int | None = None  # set by setup()
+        self.train_blocks: np.ndarray | None = None  # (n_train_blocks, max_len + 1) int32
+        self.valid_blocks: np.ndarray | None = None  # (n_valid_blocks, <= max_len + 1) int32
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node first, so the other ranks' setup() hits the caches.
+        self.setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, tokenize (cached) and pack; idempotent, and usable without a trainer."""
+        if self.train_blocks is not None:
+            return
+        docs = load_documents(self.cfg, cache_dir=os.path.join(self.cache_dir, "hf"))
+        train_fp = corpus_fingerprint(docs["train"])
+        if self.tokenizer is None:
+            self.tokenizer = load_or_train_tokenizer(
+                self.cfg, docs["train"], self.cache_dir, fingerprint=train_fp
+            )
+        check_special_tokens(self.tokenizer)
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        tok_hash = hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
+        train = self._token_stream(docs["train"], train_fp, tok_hash, "train")
+        valid_fp = corpus_fingerprint(docs["validation"])
+        valid = self._token_stream(docs["validation"], valid_fp, tok_hash, "validation")
+
+        block = self.max_len + 1
+        if len(train) < block:
+            raise ValueError(
+                f"the training split has {len(train)} tokens, fewer than one block "
+                f"of max_len + 1 = {block}; lower max_len or add data"
+            )
+        self.train_blocks = train[: len(train) // block * block].reshape(-1, block)
+        if len(valid) >= block:
+            self.valid_blocks = valid[: len(valid) // block * block].reshape(-1, block)
+        else:  # one short block rather than no validation at all
+            self.valid_blocks = valid[None, :]
+        self.train_docs, self.valid_docs = len(docs["train"]), len(docs["validation"])
+        self.num_train_tokens = len(train)
+        logger.info(
+            "data: %d train docs, %d tokens, %d blocks of %d; %d validation docs, %d blocks",
+            self.train_docs,
+            self.num_train_tokens,
+            len(self.train_blocks),
+            block,
+            self.valid_docs,
+            len(self.valid_blocks),
+        )
+
+    def _token_stream(
+        self, docs: datasets.Dataset, fingerprint: str, tok_hash: str, split: str
+    ) -> np.ndarray:
+        """All documents' ids with <eos> after each, concatenated; cached as Arrow."""
+        key = hashlib.sha256(f"{fingerprint}|{tok_hash}|v{TOKENIZED_VERSION}".encode()).hexdigest()[
+            :20
+        ]
+        folder = os.path.join(self.cache_dir, "tokenized")
+        os.makedirs(folder, exist_ok=True)
+        ids = docs.map(
+            _encode,
+            fn_kwargs={"tokenizer": self.tokenizer},
+            input_columns="text",
+            batched=True,
+            remove_columns=docs.column_names,
+            features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
+            cache_file_name=os.path.join(folder, f"{key}_{split}.arrow"),
+            load_from_cache_file=True,
+            new_fingerprint=key,
+            desc=f"Tokenizing {split}",
+        )
+        column = ids.with_format("arrow")[:].column("input_ids")
+        chunks = [chunk.flatten().to_numpy() for chunk in column.chunks]
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world_size, step = 0, 1, 0
+        if self.trainer is not None:
+            trainer = self.trainer
+            rank, world_size, step = trainer.global_rank, trainer.world_size, trainer.global_step
+        n = len(self.train_blocks)
+        # Whole optimizer steps per pass: Lightning steps on a partial accumulation at the
+        # end of an epoch, which would break start_batch = global_step * accumulate.
+        per_epoch = n // (self.batch_size * world_size) // self.accumulate * self.accumulate
+        if per_epoch == 0 and not self.total_steps:
+            raise ValueError(
+                f"{n} training blocks give no full step of batch_size {self.batch_size} x "
+                f"world_size {world_size} x accumulate {self.accumulate}; lower them or max_len"
+            )
+        sampler = ResumableBatchSampler(
+            n,
+            self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            start_batch=step * self.accumulate,
+            # one pass = the whole run when total_steps is known, else one epoch
+            num_batches=self.total_steps * self.accumulate if self.total_steps else per_epoch,
+        )
+        return DataLoader(
+            _Blocks(self.train_blocks),
+            batch_sampler=sampler,
+            collate_fn=_collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """All validation blocks in order; under DDP rank r takes blocks r::world_size."""
+        self.setup()
+        rank, world_size = 0, 1
+        if self.trainer is not None:
+            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(
+            _Blocks(self.valid_blocks[rank::world_size]),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=_collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """There is no separate test split: `trainer.test` reports on the validation blocks."""
+        return self.val_dataloader()
+
+    def unigram_perplexity(self) -> float:
+        """Validation perplexity of add-one-smoothed training unigram frequencies.
+
+        A model that beats this has learned more than token frequencies.
+        """
+        self.setup()
+        counts = np.bincount(self.train_blocks.ravel(), minlength=self.vocab_size)
+        log_p = np.log(counts + 1.0) - np.log(counts.sum() + float(self.vocab_size))
+        labels = self.valid_blocks[:, 1:].ravel()
+        return float(np.exp(-log_p[labels].mean()))
+
+
+def _encode(texts: list[str], tokenizer: Tokenizer) -> dict[str, list[list[int]]]:
+    return {"input_ids": [enc.ids + [EOS_ID] for enc in tokenizer.encode_batch(texts)]}
+
+
+class _Blocks(Dataset):
+    """Rows of a block array as LongTensors; `__getitems__` fetches a batch in one copy."""
+
+    def __init__(self, blocks: np.ndarray) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.blocks[index].astype(np.int64))
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        return torch.from_numpy(self.blocks[indices].astype(np.int64))
+
+
+def _collate(blocks: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(B, T + 1) blocks -> input_ids and labels, both (B, T), labels shifted by one."""
+    if isinstance(blocks, list):
+        blocks = torch.stack(blocks)
+    return {"input_ids": blocks[:, :-1].contiguous(), "labels": blocks[:, 1:].contiguous()}

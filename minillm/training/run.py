@@ -1,0 +1,146 @@
+"""One training run from a plain-dict config: data -> tokenizer -> model -> fit -> summary.
+
+``train.py`` composes the config with Hydra and calls ``train``; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from minillm.data import LMDataModule
+from minillm.training.loggers import LoggerConfig, build_logger
+from minillm.training.module import LMModule
+from minillm.training.optim import OptimConfig
+from minillm.training.trainer import TrainerConfig, build_trainer
+
+C = TypeVar("C")
+
+# The data position is derived from the restored global step (LMDataModule.train_dataloader),
+# so Lightning's warning that a mid-epoch resume replays data does not apply here.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys of conf/train.yaml (the groups have their own schemas)."""
+
+    seed: int = 1234
+    batch_size: int = 16
+    num_workers: int = 0
+    compile: bool = False  # torch.compile the model in place (keys stay clean)
+    ckpt_path: str | None = None  # resume: a .ckpt file, a run directory, or "last"
+    label_smoothing: float = 0.0
+    on_nan: str = "stop"  # stop | skip
+    cache_dir: str | None = None  # tokenizer/tokenized-data cache; default ~/.cache/minillm
+
+
+GROUPS = ("model", "attn", "data", "trainer", "optim", "logger", "experiment")
+
+
+def make_config(cls: type[C], values: dict[str, Any], where: str) -> C:
+    """``cls(**values)`` with an error that names the config group and the valid keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} option(s) {unknown}; valid: {sorted(names)}")
+    return cls(**values)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """A file as is; a run directory -> its checkpoints/last.ckpt; "last" -> this run's."""
+    if not ckpt_path:
+        return None
+    path = run_dir if ckpt_path == "last" else Path(ckpt_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint to resume at {path}; pass ckpt_path=<run>/checkpoints/last.ckpt, "
+            "a run directory, or ckpt_path=last together with hydra.run.dir=<run directory>"
+        )
+    return str(path)
+
+
+def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Fit a model as ``cfg`` says; everything is written under ``run_dir``. Returns a summary."""
+    run_dir = Path(run_dir)
+    run = make_config(RunConfig, {k: v for k, v in cfg.items() if k not in GROUPS}, "top-level")
+    trainer_cfg = make_config(TrainerConfig, cfg["trainer"], "trainer")
+    optim_cfg = make_config(OptimConfig, cfg["optim"], "optim")
+    logger_cfg = make_config(LoggerConfig, cfg["logger"], "logger")
+    L.seed_everything(run.seed, workers=True, verbose=False)
+
+    data = LMDataModule(
+        cfg["data"],
+        max_len=cfg["model"]["max_len"],
+        batch_size=run.batch_size,
+        seed=run.seed,
+        num_workers=run.num_workers,
+        cache_dir=run.cache_dir,
+        total_steps=trainer_cfg.max_steps,
+        accumulate=trainer_cfg.accumulate_grad_batches,
+    )
+    data.setup("fit")
+    tokenizer_json = data.tokenizer.to_str()
+    module = LMModule(
+        model={**cfg["model"], "attn": cfg["attn"], "vocab_size": data.vocab_size},
+        optim=dataclasses.asdict(optim_cfg),
+        total_steps=trainer_cfg.max_steps,
+        label_smoothing=run.label_smoothing,
+        compile=run.compile,
+        on_nan=run.on_nan,
+    )
+    module.tokenizer_json = tokenizer_json
+    trainer = build_trainer(trainer_cfg, run_dir, build_logger(logger_cfg, run_dir))
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "tokenizer.json").write_text(tokenizer_json)
+    rank_zero_info(
+        f"model: {module.model_cfg.arch}, attn={cfg['attn']['kind']}, "
+        f"{module.model.num_params() / 1e6:.2f}M parameters; "
+        f"data: {data.num_train_tokens / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(run.ckpt_path, run_dir))
+    return _summary(trainer, data, run_dir)
+
+
+def _validate_final_model(trainer: L.Trainer, data: LMDataModule) -> None:
+    """Validate the last step if no validation landed on it, and keep best.ckpt honest."""
+    module = trainer.lightning_module
+    if trainer.fast_dev_run or module.last_val_step == trainer.global_step:
+        return
+    trainer.validate(module, datamodule=data, verbose=False)
+    best = trainer.checkpoint_callbacks[0]
+    score = trainer.callback_metrics["val/loss"]
+    if best.best_model_score is None or score < best.best_model_score:
+        path = Path(best.dirpath) / f"{best.filename}.ckpt"
+        trainer.save_checkpoint(path)
+        best.best_model_path, best.best_model_score = str(path), score
+
+
+def _summary(trainer: L.Trainer, data: LMDataModule, run_dir: Path) -> dict[str, Any]:
+    _validate_final_model(trainer, data)
+    ppl = trainer.callback_metrics.get("val/ppl")
+    summary = {
+        "run_dir": str(run_dir),
+        "best_ckpt": trainer.checkpoint_callbacks[0].best_model_path or None,
+        "last_ckpt": trainer.checkpoint_callbacks[1].last_model_path or None,
+        "val_ppl": float(ppl) if ppl is not None else math.nan,
+        "unigram_ppl": data.unigram_perplexity(),
+        "global_step": trainer.global_step,
+    }
+    rank_zero_info(
+        f"\nrun directory:  {summary['run_dir']}\n"
+        f"checkpoints:    {summary['best_ckpt']} (best), {summary['last_ckpt']} (last)\n"
+        f"validation perplexity: {summary['val_ppl']:.2f} "
+        f"(unigram baseline: {summary['unigram_ppl']:.2f}) after {trainer.global_step} steps"
+    )
+    return summary
