@@ -28,6 +28,7 @@ TABLE_BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}
 class DataConfig:
     """The one schema of the `data` config group; every YAML key must be a field here."""
 
+    task: str = "lm"  # which DataModule reads this config (minillm.training.run.DATA_MODULES)
     source: str = "sotu"  # "sotu" | "text" | "hf"
     # source=text
     files: list[str] = field(default_factory=list)  # paths or globs

@@ -42,6 +42,12 @@ class RunConfig:
     cache_dir: str | None = None  # tokenizer/tokenized-data cache; default ~/.cache/minillm
 
 
+# data.task -> the DataModule that reads that data config. Each takes
+# (data: dict, *, max_len, batch_size, seed, num_workers, cache_dir, tokenizer, total_steps,
+# accumulate) and after setup() has .tokenizer, .vocab_size, .num_train_tokens and
+# .unigram_perplexity(); its batches are {"labels": ..., **model forward kwargs}.
+DATA_MODULES: dict[str, type[L.LightningDataModule]] = {"lm": LMDataModule}
+
 GROUPS = ("model", "attn", "data", "trainer", "optim", "logger", "experiment")
 
 
@@ -78,7 +84,10 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     logger_cfg = make_config(LoggerConfig, cfg["logger"], "logger")
     L.seed_everything(run.seed, workers=True, verbose=False)
 
-    data = LMDataModule(
+    task = cfg["data"].get("task", "lm")
+    if task not in DATA_MODULES:
+        raise ValueError(f"unknown data.task {task!r}; choose one of {sorted(DATA_MODULES)}")
+    data = DATA_MODULES[task](
         cfg["data"],
         max_len=cfg["model"]["max_len"],
         batch_size=run.batch_size,
@@ -112,7 +121,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     return _summary(trainer, data, run_dir)
 
 
-def _validate_final_model(trainer: L.Trainer, data: LMDataModule) -> None:
+def _validate_final_model(trainer: L.Trainer, data: L.LightningDataModule) -> None:
     """Validate the last step if no validation landed on it, and keep best.ckpt honest."""
     module = trainer.lightning_module
     if trainer.fast_dev_run or module.last_val_step == trainer.global_step:
@@ -126,7 +135,7 @@ def _validate_final_model(trainer: L.Trainer, data: LMDataModule) -> None:
         best.best_model_path, best.best_model_score = str(path), score
 
 
-def _summary(trainer: L.Trainer, data: LMDataModule, run_dir: Path) -> dict[str, Any]:
+def _summary(trainer: L.Trainer, data: L.LightningDataModule, run_dir: Path) -> dict[str, Any]:
     _validate_final_model(trainer, data)
     ppl = trainer.callback_metrics.get("val/ppl")
     summary = {
