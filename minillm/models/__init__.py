@@ -9,10 +9,14 @@ from torch import nn
 from minillm.models.block import Block
 from minillm.models.config import ModelConfig
 from minillm.models.decoder import DecoderLM
+from minillm.models.encoder_decoder import EncoderDecoderLM
 
-MODELS: dict[str, type[nn.Module]] = {"decoder": DecoderLM}
+MODELS: dict[str, type[nn.Module]] = {
+    "decoder": DecoderLM,
+    "encoder_decoder": EncoderDecoderLM,
+}
 
-__all__ = ["MODELS", "Block", "DecoderLM", "ModelConfig", "build_model"]
+__all__ = ["MODELS", "Block", "DecoderLM", "EncoderDecoderLM", "ModelConfig", "build_model"]
 
 
 def build_model(cfg: ModelConfig | dict[str, Any]) -> nn.Module:

@@ -1,0 +1,151 @@
+"""Encoder-decoder model from the one ``Block``: bidirectional encoder, causal decoder with
+cross-attention, tied output head.
+
+Encoder blocks use ``cfg.encoder_attn`` in the ``bidirectional`` role; decoder blocks use
+``cfg.attn`` (causal) plus ``cfg.cross_attn`` (cross). Each is a registry key or
+``{"kind": key, **knobs}``; a kind that cannot fill its role fails at build time, naming the
+kinds that can. ``share_embeddings`` uses one table for source and target tokens (one joint
+tokenizer); the output head is tied to the target table when ``tie_embeddings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from minillm.models.block import Block, init_block_weights, positions_from_mask
+from minillm.models.config import ModelConfig
+
+
+class EncoderDecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n_encoder = cfg.n_layers if cfg.n_encoder_layers is None else cfg.n_encoder_layers
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)  # target (and shared source)
+        self.src_emb = None if cfg.share_embeddings else nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(
+            Block(cfg, cfg.encoder_attn, "bidirectional") for _ in range(n_encoder)
+        )
+        self.encoder_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.decoder = nn.ModuleList(
+            Block(cfg, cfg.attn, "causal", cross_attn=cfg.cross_attn) for _ in range(cfg.n_layers)
+        )
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        for emb in (self.tok_emb, self.src_emb):
+            if emb is not None:
+                nn.init.normal_(emb.weight, 0.0, cfg.init_std)
+        init_block_weights(self.encoder, cfg.init_std, max(n_encoder, 1))
+        init_block_weights(self.decoder, cfg.init_std, cfg.n_layers)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, 0.0, cfg.init_std)
+
+    def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
+        """src_ids (B, S) -> memory (B, S, dim). ``src_mask`` (B, S) True for real tokens.
+
+        Rows at padding positions hold finite junk; every consumer masks them out.
+        """
+        b, s = src_ids.shape
+        positions = positions_from_mask(src_mask, b, s, src_ids.device)  # (B, S)
+        emb = self.src_emb if self.src_emb is not None else self.tok_emb
+        x = self.dropout(emb(src_ids))  # (B, S, dim)
+        for block in self.encoder:
+            x = block(x, positions=positions, mask=src_mask)
+        return self.encoder_norm(x)
+
+    def decode(
+        self,
+        input_ids: Tensor,
+        memory: Tensor | None,
+        *,
+        memory_mask: Tensor | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        caches: list[Any] | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), attending to ``memory`` (B, S, dim).
+
+        ``caches`` from ``init_caches``: the call appends to the self-attention caches and, on
+        the first call, fills the cross-attention caches from ``memory`` (afterwards
+        ``memory`` may be None). With caches, pass ``positions`` after the first call.
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = positions_from_mask(mask, b, t, input_ids.device)  # (B, T)
+        x = self.dropout(self.tok_emb(input_ids))  # (B, T, dim)
+        for i, block in enumerate(self.decoder):
+            cache = caches[i] if caches is not None else None
+            x = block(
+                x,
+                positions=positions,
+                mask=mask,
+                cache=cache,
+                memory=memory,
+                memory_mask=memory_mask,
+            )
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+    def forward(
+        self,
+        src_ids: Tensor | None,
+        input_ids: Tensor,
+        *,
+        src_mask: Tensor | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        caches: list[Any] | None = None,
+        memory: Tensor | None = None,
+    ) -> Tensor:
+        """Teacher-forced logits (B, T, vocab) of target inputs given the source.
+
+        ``memory`` from ``encode`` skips the encoder (``src_ids`` may then be None).
+        ``mask`` (B, T) marks real target tokens; right padding after the last real token
+        needs no mask (the decoder is causal).
+        """
+        if memory is None:
+            memory = self.encode(src_ids, src_mask)  # (B, S, dim)
+        return self.decode(
+            input_ids,
+            memory,
+            memory_mask=src_mask,
+            mask=mask,
+            positions=positions,
+            caches=caches,
+        )
+
+    def init_caches(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        memory_len: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> list[Any]:
+        """One (self cache, cross cache) pair per decoder block, each of its kind's own type.
+
+        ``max_len`` target tokens (default ``cfg.max_len``), ``memory_len`` source tokens.
+        """
+        param = self.tok_emb.weight
+        return [
+            block.init_cache(
+                batch_size,
+                max_len or self.cfg.max_len,
+                device or param.device,
+                dtype or param.dtype,
+                memory_len=memory_len,
+            )
+            for block in self.decoder
+        ]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not non_embedding:
+            return n
+        tables = [self.tok_emb, self.src_emb]
+        return n - sum(e.weight.numel() for e in tables if e is not None)
