@@ -6,10 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+# Tiny models gain nothing from intra-op threads, and two processes x two threads on two
+# cores (ddp_sim, subprocess runs) thrash; subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

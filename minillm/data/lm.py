@@ -17,6 +17,7 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
@@ -44,6 +45,8 @@ class LMDataModule(L.LightningDataModule):
     trainer must be built with `use_distributed_sampler=False`: the batch sampler already
     shards by rank.
     """
+
+    Config = DataConfig  # the schema of its data config (conf/data/{sotu,text,hf}.yaml)
 
     def __init__(
         self,
@@ -193,6 +196,10 @@ class LMDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """There is no separate test split: `trainer.test` reports on the validation blocks."""
         return self.val_dataloader()
+
+    def callbacks(self) -> list[Callback]:
+        """Task-specific training callbacks: none for language modelling."""
+        return []
 
     def unigram_perplexity(self) -> float:
         """Validation perplexity of add-one-smoothed training unigram frequencies.

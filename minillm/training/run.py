@@ -16,6 +16,14 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from minillm.data import LMDataModule
+from minillm.data.instructions import InstructionsDataModule
+from minillm.data.translation import TranslationDataModule
+from minillm.models import ModelConfig
+from minillm.training.finetune import (
+    check_architecture,
+    load_initial_weights,
+    read_initial_weights,
+)
 from minillm.training.loggers import LoggerConfig, build_logger
 from minillm.training.module import LMModule
 from minillm.training.optim import OptimConfig
@@ -40,13 +48,19 @@ class RunConfig:
     label_smoothing: float = 0.0
     on_nan: str = "stop"  # stop | skip
     cache_dir: str | None = None  # tokenizer/tokenized-data cache; default ~/.cache/minillm
+    init_from: str | None = None  # fine-tune: weights + tokenizer of a .ckpt, run dir or export
+    init_from_strict: bool = True  # false: load the tensors that match, list the others
 
 
 # data.task -> the DataModule that reads that data config. Each takes
 # (data: dict, *, max_len, batch_size, seed, num_workers, cache_dir, tokenizer, total_steps,
 # accumulate) and after setup() has .tokenizer, .vocab_size, .num_train_tokens and
 # .unigram_perplexity(); its batches are {"labels": ..., **model forward kwargs}.
-DATA_MODULES: dict[str, type[L.LightningDataModule]] = {"lm": LMDataModule}
+DATA_MODULES: dict[str, type[L.LightningDataModule]] = {
+    "lm": LMDataModule,
+    "instructions": InstructionsDataModule,
+    "translation": TranslationDataModule,
+}
 
 GROUPS = ("model", "attn", "data", "trainer", "optim", "logger", "experiment")
 
@@ -83,6 +97,11 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     optim_cfg = make_config(OptimConfig, cfg["optim"], "optim")
     logger_cfg = make_config(LoggerConfig, cfg["logger"], "logger")
     L.seed_everything(run.seed, workers=True, verbose=False)
+    model_cfg = {**cfg["model"], "attn": cfg["attn"]}
+    init = read_initial_weights(run.init_from) if run.init_from else None
+    if init is not None and run.init_from_strict:  # before any data is read
+        vocab = {"vocab_size": init.model_cfg.vocab_size}
+        check_architecture(init, ModelConfig.from_dict({**model_cfg, **vocab}))
 
     task = cfg["data"].get("task", "lm")
     if task not in DATA_MODULES:
@@ -94,21 +113,28 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         seed=run.seed,
         num_workers=run.num_workers,
         cache_dir=run.cache_dir,
+        tokenizer=init.tokenizer if init is not None else None,  # never retrained
         total_steps=trainer_cfg.max_steps,
         accumulate=trainer_cfg.accumulate_grad_batches,
     )
     data.setup("fit")
     tokenizer_json = data.tokenizer.to_str()
     module = LMModule(
-        model={**cfg["model"], "attn": cfg["attn"], "vocab_size": data.vocab_size},
+        model={**model_cfg, "vocab_size": data.vocab_size},
         optim=dataclasses.asdict(optim_cfg),
         total_steps=trainer_cfg.max_steps,
         label_smoothing=run.label_smoothing,
         compile=run.compile,
         on_nan=run.on_nan,
+        seed=run.seed,
+        data=cfg["data"],
     )
     module.tokenizer_json = tokenizer_json
-    trainer = build_trainer(trainer_cfg, run_dir, build_logger(logger_cfg, run_dir))
+    if init is not None:
+        for line in load_initial_weights(module.model, init, run.init_from_strict):
+            rank_zero_info(line)
+    logger = build_logger(logger_cfg, run_dir)
+    trainer = build_trainer(trainer_cfg, run_dir, logger, data.callbacks())
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tokenizer.json").write_text(tokenizer_json)

@@ -1,0 +1,162 @@
+"""Token-level perplexity and bits per byte of a decoder over whole documents.
+
+Each document is scored as ``<eos> + tokens + <eos>``: the leading <eos> is the separator a
+document follows in training (so its first token is scored too), the trailing one scores
+the prediction that the document ends. ``bits_per_byte`` divides the summed negative
+log-likelihood (in bits) by the documents' UTF-8 bytes, so models with different tokenizers
+compare.
+
+Two ways to give each token its context, for every attention kind:
+
+- ``mode="window"`` (default): a sliding window of ``window`` tokens (default the model's
+  ``max_len``, its training context) advancing ``stride`` tokens (default ``window // 2``).
+  Every token is scored exactly once: the first window scores all its tokens, each later
+  one only its last ``stride`` (those no earlier window scored). A token thus sees at least
+  ``window - stride`` earlier tokens (all of them while the document fits one window).
+  ``stride=window`` is fastest; ``stride=1`` gives the most context.
+- ``mode="recurrent"``: one pass per document through the model's generation caches,
+  ``stride`` tokens per call. Each token sees as much of the document as its kind can hold:
+  all of it for ``linear``/``gated_linear`` (their O(1) recurrent state) and for softmax
+  kinds (a KV cache as long as the document, which for documents longer than ``max_len``
+  asks RoPE for positions it never trained on); the last ``window`` tokens for ``local``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from minillm.data.tokenizer import EOS_ID, PAD_ID
+from minillm.models import DecoderLM
+
+
+@dataclass
+class PerplexityResult:
+    nll: float  # summed negative log-likelihood of the scored tokens, in nats
+    tokens: int  # scored tokens (each document's tokens and its closing <eos>)
+    bytes: int  # UTF-8 bytes of the documents
+    documents: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / math.log(2) / max(self.bytes, 1)
+
+    def to_dict(self) -> dict[str, float | int]:
+        derived = {"loss": self.loss, "ppl": self.ppl, "bits_per_byte": self.bits_per_byte}
+        return {**asdict(self), **derived}
+
+
+def spans(n_inputs: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, scored) input spans over positions [0, n_inputs): span [start, end)
+    predicts tokens start+1 .. end and scores its last ``scored`` predictions."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    end = min(window, n_inputs)
+    out = [(0, end, end)]
+    while end < n_inputs:
+        new_end = min(end + stride, n_inputs)
+        out.append((new_end - window, new_end, new_end - end))
+        end = new_end
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    model: DecoderLM,
+    tokenizer: Tokenizer,
+    documents: Iterable[str],
+    *,
+    mode: str = "window",
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> PerplexityResult:
+    """Score ``documents`` (see the module docstring for ``mode``, ``window``, ``stride``)."""
+    if not isinstance(model, DecoderLM):
+        raise ValueError(f"perplexity needs a decoder-only model, not {type(model).__name__}")
+    if mode not in SCORERS:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(SCORERS)}")
+    window = window or model.cfg.max_len
+    stride = stride or max(1, window // 2)
+    model.eval()
+    texts = list(documents)
+    ids = [
+        torch.tensor([EOS_ID, *enc.ids, EOS_ID])
+        for enc in tokenizer.encode_batch(texts, add_special_tokens=False)
+    ]
+    nll = SCORERS[mode](model, ids, window, stride, batch_size)
+    return PerplexityResult(
+        nll=nll,
+        tokens=sum(len(x) - 1 for x in ids),
+        bytes=sum(len(t.encode("utf-8")) for t in texts),
+        documents=len(texts),
+    )
+
+
+def _window_nll(
+    model: DecoderLM, docs: list[Tensor], window: int, stride: int, batch_size: int
+) -> float:
+    """Summed NLL of every window span of every document, ``batch_size`` spans a call."""
+    total = 0.0
+    for inputs, labels in _batches(docs, window, stride, batch_size):
+        device = model.tok_emb.weight.device
+        logits = model(inputs.to(device))  # (B, T, V)
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.to(device).flatten(), reduction="sum"
+        ).item()
+    return total
+
+
+def _batches(
+    docs: list[Tensor], window: int, stride: int, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Right-padded (B, T) inputs and labels; labels -100 where not scored or padding."""
+    pending = [
+        (doc[a:b], doc[a + 1 : b + 1], scored)
+        for doc in docs
+        for a, b, scored in spans(len(doc) - 1, window, stride)
+    ]
+    for i in range(0, len(pending), batch_size):
+        chunk = pending[i : i + batch_size]
+        t = max(len(x) for x, _, _ in chunk)
+        inputs = torch.full((len(chunk), t), PAD_ID, dtype=torch.long)
+        labels = torch.full((len(chunk), t), -100, dtype=torch.long)
+        for row, (x, y, scored) in enumerate(chunk):
+            inputs[row, : len(x)] = x
+            labels[row, len(x) - scored : len(x)] = y[len(x) - scored :]
+        yield inputs, labels  # right padding: causal attention never looks at it
+
+
+def _recurrent_nll(
+    model: DecoderLM, docs: list[Tensor], window: int, stride: int, batch_size: int
+) -> float:
+    """One pass a document through the caches, ``stride`` tokens a forward call."""
+    device = model.tok_emb.weight.device
+    total = 0.0
+    for doc in docs:
+        doc = doc.to(device)
+        n = len(doc) - 1
+        caches = model.init_caches(1, max_len=n)
+        for a in range(0, n, stride):
+            b = min(a + stride, n)
+            positions = torch.arange(a, b, device=device)[None]  # (1, T)
+            logits = model(doc[None, a:b], positions=positions, caches=caches)  # (1, T, V)
+            total += F.cross_entropy(logits[0].float(), doc[a + 1 : b + 1], reduction="sum").item()
+    return total
+
+
+SCORERS = {"window": _window_nll, "recurrent": _recurrent_nll}
