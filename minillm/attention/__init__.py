@@ -11,6 +11,9 @@ from typing import Any
 
 from minillm.attention.base import ROLES, Attention
 from minillm.attention.cache import KVCache, RecurrentState, RollingKVCache
+from minillm.attention.gated_linear import GatedLinearAttention
+from minillm.attention.linear import LinearAttention
+from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
 
 # key -> (class, preset knobs). Variants that differ only in numbers are presets, not classes.
@@ -18,6 +21,9 @@ ATTENTION: dict[str, tuple[type[Attention], dict[str, Any]]] = {
     "mha": (MultiHeadAttention, {}),
     "mqa": (MultiHeadAttention, {"n_kv_heads": 1}),
     "gqa": (MultiHeadAttention, {"n_kv_heads": 2}),
+    "local": (LocalAttention, {}),
+    "linear": (LinearAttention, {}),
+    "gated_linear": (GatedLinearAttention, {}),
 }
 
 __all__ = [

@@ -14,6 +14,9 @@ import torch
 from torch import Tensor
 
 from minillm.attention.base import Attention
+from minillm.attention.gated_linear import GatedLinearAttention
+from minillm.attention.linear import LinearAttention
+from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
 
 
@@ -79,6 +82,121 @@ def mha_reference(
     return y.transpose(1, 2).reshape(b, t, attn.dim) @ attn.o_proj.weight.T
 
 
+def _project(layer: torch.nn.Linear, inp: Tensor) -> Tensor:
+    out = inp @ layer.weight.T
+    return out if layer.bias is None else out + layer.bias
+
+
+def _split_heads(y: Tensor, n: int) -> Tensor:
+    b, t, _ = y.shape
+    return y.view(b, t, n, -1).transpose(1, 2)  # (B, n, T, d)
+
+
+def local_reference(
+    attn: LocalAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Full softmax per query over the keys of its window: causal t - window < s <= t,
+    bidirectional |t - s| <= window // 2; a query always sees itself (finite pad outputs)."""
+    b, t, _ = x.shape
+    q = rope_reference(
+        _split_heads(_project(attn.q_proj, x), attn.n_heads), positions, attn.cfg.rope_base
+    )
+    k = rope_reference(
+        _split_heads(_project(attn.k_proj, x), attn.n_kv_heads), positions, attn.cfg.rope_base
+    )
+    v = _split_heads(_project(attn.v_proj, x), attn.n_kv_heads)
+    group = attn.n_heads // attn.n_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    valid = mask if mask is not None else torch.ones(b, t, dtype=torch.bool)
+    window = attn.cfg.window
+    before, after = (window - 1, 0) if attn.causal else (window // 2, window // 2)
+
+    def allowed(row: int, query: int) -> list[int]:
+        near = range(max(0, query - before), min(t, query + after + 1))
+        return [j for j in near if valid[row, j] or j == query]
+
+    y = softmax_reference(q, k, v, allowed)
+    return _project(attn.o_proj, y.transpose(1, 2).reshape(b, t, attn.dim))
+
+
+def linear_reference(
+    attn: LinearAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Katharopoulos linear attention, one query at a time with explicit running sums."""
+    b, t, _ = x.shape
+    src = memory if attn.role == "cross" else x
+    s_len = src.shape[1]
+
+    def phi(y: Tensor) -> Tensor:  # elu(y) + 1
+        return torch.where(y > 0, y + 1, y.exp())
+
+    q = phi(_split_heads(_project(attn.q_proj, x), attn.n_heads))  # (B, H, T, D)
+    k = phi(_split_heads(_project(attn.k_proj, src), attn.n_heads))  # (B, H, S, D)
+    v = _split_heads(_project(attn.v_proj, src), attn.n_heads)
+    valid = mask if mask is not None else torch.ones(b, s_len, dtype=torch.bool)
+    out = torch.zeros_like(q)
+    for row in range(b):
+        s = torch.zeros(attn.n_heads, attn.head_dim, attn.head_dim, dtype=x.dtype)
+        z = torch.zeros(attn.n_heads, attn.head_dim, dtype=x.dtype)
+        if not attn.causal:  # bidirectional / cross: global sums over the real keys
+            for j in range(s_len):
+                if valid[row, j]:
+                    s = s + k[row, :, j, :, None] * v[row, :, j, None, :]
+                    z = z + k[row, :, j]
+        for i in range(t):
+            if attn.causal and valid[row, i]:
+                s = s + k[row, :, i, :, None] * v[row, :, i, None, :]
+                z = z + k[row, :, i]
+            num = (q[row, :, i, :, None] * s).sum(1)  # (H, D)
+            den = (q[row, :, i] * z).sum(-1, keepdim=True) + attn.cfg.eps  # (H, 1)
+            out[row, :, i] = num / den
+    return _project(attn.o_proj, out.transpose(1, 2).reshape(b, t, attn.dim))
+
+
+def gated_linear_reference(
+    attn: GatedLinearAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """GLA step by step: S_t = diag(alpha_t) S_{t-1} + k_t^T v_t, o_t = q_t S_t, then per-head
+    RMSNorm, swish output gate and o_proj. Padding steps: alpha = 1, k = 0."""
+    b, t, _ = x.shape
+    h, dk, dv = attn.n_heads, attn.head_k, attn.head_v
+    q = _split_heads(_project(attn.q_proj, x), h) / math.sqrt(dk)  # (B, H, T, D_k)
+    k = _split_heads(_project(attn.k_proj, x), h)
+    v = _split_heads(_project(attn.v_proj, x), h)  # (B, H, T, D_v)
+    logits = _project(attn.gate_up, _project(attn.gate_down, x))
+    alpha = _split_heads(torch.sigmoid(logits) ** (1 / attn.cfg.gate_logit_normalizer), h)
+    valid = mask if mask is not None else torch.ones(b, t, dtype=torch.bool)
+    out = torch.zeros(b, h, t, dv, dtype=x.dtype)
+    for row in range(b):
+        s = torch.zeros(h, dk, dv, dtype=x.dtype)
+        for i in range(t):
+            if valid[row, i]:
+                s = alpha[row, :, i, :, None] * s + k[row, :, i, :, None] * v[row, :, i, None, :]
+            out[row, :, i] = (q[row, :, i, :, None] * s).sum(1)
+    rms = (out.pow(2).mean(-1, keepdim=True) + attn.cfg.norm_eps).rsqrt()
+    out = (out * rms * attn.o_norm.weight).transpose(1, 2).reshape(b, t, attn.value_dim)
+    gate = _project(attn.g_proj, x)
+    return _project(attn.o_proj, out * gate * torch.sigmoid(gate))
+
+
 REFERENCES: dict[type[Attention], Callable[..., Tensor]] = {
     MultiHeadAttention: mha_reference,
+    LocalAttention: local_reference,
+    LinearAttention: linear_reference,
+    GatedLinearAttention: gated_linear_reference,
 }

@@ -1,0 +1,175 @@
+"""Sliding-window softmax attention (``local``), O(T * window) in time and memory.
+
+Causal: query t sees keys s with ``t - window < s <= t``. Bidirectional: ``|t - s| <= window // 2``.
+Computed by blocks: every block of queries attends, through one batched SDPA call, to the
+keys of its band only (its own block plus the ``window - 1`` keys before it, and the
+``window // 2`` after it when bidirectional) under a small (block, band) mask; no T x T mask
+is ever built. Keys are cached already rotated (RoPE) in a ``RollingKVCache`` of ``window``
+slots, so generation memory is O(window) however long the sequence.
+
+No ``cross`` role: a window over encoder memory has no meaning (query and memory positions
+are not aligned), so cross-attention uses a global kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minillm.attention.base import Attention
+from minillm.attention.cache import RollingKVCache
+from minillm.attention.rope import apply_rope, rope_angles
+
+QUERY_BLOCK = 128  # queries per block; each block reads block + before + after keys
+
+
+def banded_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_valid: Tensor | None,
+    before: int,
+    after: int,
+    dropout: float = 0.0,
+) -> Tensor:
+    """Softmax attention of each query to the keys from ``before`` back to ``after`` ahead.
+
+    q (B, T, H, D); k, v (B, P + T, H_kv, D) whose last T keys are the queries' own tokens and
+    first ``P <= before`` earlier context (a cache); key_valid (B, P + T) bool or None (all
+    real). A query always sees its own key, so a padding query gets a finite (ignored) output.
+    Returns (B, T, H, D).
+    """
+    b, t, h, d = q.shape
+    p, h_kv = k.shape[1] - t, k.shape[2]
+    if p + t - 1 <= (min(before, after) if after else before):  # every band holds every key
+        return _dense_attention(q, k, v, key_valid, causal=not after, dropout=dropout)
+    block = min(QUERY_BLOCK, t)
+    n = -(-t // block)  # query blocks
+    span = block + before + after  # keys one block reads
+    pad = (before - p, n * block - t + after)
+    if key_valid is None:
+        key_valid = torch.ones(b, p + t, dtype=torch.bool, device=q.device)
+    key_valid = F.pad(key_valid, pad, value=False)  # (B, before + n * block + after)
+
+    def bands(x: Tensor) -> Tensor:  # overlapping strided views, copied only if B > 1
+        x = F.pad(x, (0, 0, 0, 0, *pad)).unfold(1, span, block)  # (B, n, H_kv, D, span)
+        return x.permute(0, 1, 2, 4, 3).reshape(b * n, h_kv, span, d)
+
+    q = F.pad(q, (0, 0, 0, 0, 0, n * block - t)).view(b * n, block, h, d).transpose(1, 2)
+    j = torch.arange(block, device=q.device)[:, None]  # query offset in its block
+    m = torch.arange(span, device=q.device)[None, :]  # key offset in the band
+    in_band = (m >= j) & (m <= j + before + after)  # (block, span)
+    allowed = in_band & (key_valid.unfold(1, span, block)[:, :, None, :] | (m == j + before))
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill_(~allowed, float("-inf")).view(b * n, 1, block, span)
+    y = F.scaled_dot_product_attention(
+        q, bands(k), bands(v), attn_mask=bias, dropout_p=dropout, enable_gqa=h != h_kv
+    )  # (B * n, H, block, D)
+    return y.transpose(1, 2).reshape(b, n * block, h, d)[:, :t]  # (B, T, H, D)
+
+
+def _dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, causal: bool, dropout: float
+) -> Tensor:
+    """Every query's band holds all keys: plain SDPA (T <= window, and decoding steps)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    t, s = q.shape[2], k.shape[2]
+    mask, is_causal = None, causal and key_valid is None and t == s > 1
+    if key_valid is not None or (causal and t > 1 and not is_causal):
+        q_idx = s - t + torch.arange(t, device=q.device)[:, None]  # (T, 1)
+        k_idx = torch.arange(s, device=q.device)[None, :]  # (1, S)
+        mask = k_idx <= q_idx if causal else torch.ones_like(k_idx, dtype=torch.bool)
+        if key_valid is not None:
+            mask = mask & (key_valid[:, None, :] | (k_idx == q_idx))  # (B, T, S)
+        mask = mask.unsqueeze(-3)  # (B | 1, 1, T, S)
+    y = F.scaled_dot_product_attention(
+        q, k, v, mask, dropout, is_causal, enable_gqa=q.shape[1] != k.shape[1]
+    )  # (B, H, T, D)
+    return y.transpose(1, 2)  # (B, T, H, D)
+
+
+class LocalAttention(Attention):
+    roles = ("causal", "bidirectional")
+
+    @dataclass
+    class Config:
+        window: int = 256  # keys a causal query sees, itself included
+        n_kv_heads: int | None = None  # None: one KV head per query head
+        rope_base: float = 10000.0
+        dropout: float = 0.0
+        bias: bool = False
+
+    def __init__(self, cfg: Config, dim: int, n_heads: int, role: str) -> None:
+        super().__init__(cfg, dim, n_heads, role)
+        if cfg.window < 1:
+            raise ValueError(f"local attention needs window >= 1, got {cfg.window}")
+        self.n_kv_heads = cfg.n_kv_heads or n_heads
+        if self.n_kv_heads < 1 or n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                f"choose an n_kv_heads that divides {n_heads}"
+            )
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        # keys a query sees before / after itself
+        self.before = cfg.window - 1 if self.causal else cfg.window // 2
+        self.after = 0 if self.causal else cfg.window // 2
+
+    def init_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> RollingKVCache:
+        """``window`` slots whatever ``max_len``: memory O(window)."""
+        return RollingKVCache(
+            batch_size, self.n_kv_heads, self.cfg.window, self.head_dim, device, dtype
+        )
+
+    def _heads(self, proj: nn.Linear, x: Tensor, n: int) -> Tensor:
+        b, t, _ = x.shape
+        return proj(x).view(b, t, n, self.head_dim)  # (B, T, n, D)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        positions: Tensor,
+        cache: RollingKVCache | None = None,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q = self._heads(self.q_proj, x, self.n_heads)  # (B, T, H, D)
+        k = self._heads(self.k_proj, x, self.n_kv_heads)  # (B, T, H_kv, D)
+        v = self._heads(self.v_proj, x, self.n_kv_heads)
+        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_base)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        valid = mask
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("bidirectional local attention runs once; it takes no cache")
+            k, v, valid = self._with_context(cache, k, v, mask)  # (B, P + T, H_kv, D)
+        dropout = self.cfg.dropout if self.training else 0.0
+        y = banded_attention(q, k, v, valid, self.before, self.after, dropout)  # (B, T, H, D)
+        return self.o_proj(y.reshape(b, t, self.dim))
+
+    def _with_context(
+        self, cache: RollingKVCache, k: Tensor, v: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Prepend the up to ``window - 1`` cached keys the new queries can see, then append."""
+        held = min(cache.length, self.before)
+        stream = torch.arange(cache.length - held, cache.length, device=k.device)
+        slots = stream % cache.window  # ring slots of the last ``held`` tokens, oldest first
+        k_ctx = cache.k[:, :, slots].transpose(1, 2)  # (B, P, H_kv, D)
+        v_ctx = cache.v[:, :, slots].transpose(1, 2)
+        valid = None
+        if cache.has_padding or mask is not None:
+            new = mask if mask is not None else k.new_ones(k.shape[:2], dtype=torch.bool)
+            valid = torch.cat((cache.valid[:, slots], new), dim=1)  # (B, P + T)
+        cache.append(k.transpose(1, 2), v.transpose(1, 2), mask)
+        return torch.cat((k_ctx, k), dim=1), torch.cat((v_ctx, v), dim=1), valid

@@ -1,0 +1,250 @@
+"""Every attention kind in every role it serves, parametrized over the registry.
+
+Tiny (dim 32, 4 heads), CPU, fp32. Windows and chunks are shrunk (by Config field name, so a
+new kind is covered as soon as it is registered) so that short sequences cross their edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import Tensor, nn
+
+from minillm.attention import (
+    ATTENTION,
+    ROLES,
+    KVCache,
+    RecurrentState,
+    RollingKVCache,
+    attention_config,
+    build_attention,
+    kinds_for_role,
+)
+from minillm.attention.reference import REFERENCES
+from minillm.models.block import positions_from_mask
+
+DIM, HEADS, SMALL = 32, 4, 8  # SMALL: window / chunk size in tests
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls.Config)}
+
+
+KIND_ROLES = [(k, r) for k, (cls, _) in ATTENTION.items() for r in cls.roles]
+MISSING_ROLES = [(k, r) for k, (cls, _) in ATTENTION.items() for r in ROLES if r not in cls.roles]
+CAUSAL = [k for k, r in KIND_ROLES if r == "causal"]
+DECODING = [(k, r) for k, r in KIND_ROLES if r != "bidirectional"]
+CHUNKED = [k for k, (cls, _) in ATTENTION.items() if "chunk_size" in _fields(cls)]
+
+
+def make(kind: str, role: str, **knobs: object) -> nn.Module:
+    """A tiny module of ``kind`` with weights large enough that mixing is far from uniform."""
+    names = _fields(ATTENTION[kind][0])
+    cfg = {"kind": kind, **{n: SMALL for n in ("window", "chunk_size") if n in names}, **knobs}
+    torch.manual_seed(0)
+    attn = build_attention(cfg, DIM, HEADS, role)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0.0, 0.3)
+    return attn
+
+
+def inputs(role: str, b: int, t: int, pads: tuple[int, ...] = (), s: int = 11) -> dict:
+    """x (B, T, dim), key mask with ``pads[i]`` left-padding keys in row i, positions, memory."""
+    torch.manual_seed(1)
+    keys = s if role == "cross" else t
+    mask = torch.ones(b, keys, dtype=torch.bool)
+    for row, n in enumerate(pads):
+        mask[row, :n] = False
+    self_mask = None if role == "cross" else mask
+    return {
+        "x": torch.randn(b, t, DIM),
+        "positions": positions_from_mask(self_mask, b, t, torch.device("cpu")),
+        "memory": torch.randn(b, s, DIM) if role == "cross" else None,
+        "mask": mask if pads else None,
+    }
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
+@pytest.mark.parametrize("t", [5, 16, 21])
+@pytest.mark.parametrize("kind, role", KIND_ROLES)
+def test_matches_reference(kind: str, role: str, t: int, padded: bool) -> None:
+    """Fast path = slow twin, outputs and gradients (inputs and weights), T <, =, not | chunk."""
+    attn = make(kind, role)
+    inp = inputs(role, 2, t, pads=(0, 3) if padded else ())
+    leaves = [inp["x"]] + ([inp["memory"]] if role == "cross" else [])
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    weight = torch.randn(2, t, DIM)
+    results = []
+    for fn in (attn, functools.partial(REFERENCES[type(attn)], attn)):
+        y = fn(**inp)
+        grads = torch.autograd.grad((y * weight).sum(), leaves + list(attn.parameters()))
+        results.append((y, grads))
+    (y, grads), (y_ref, grads_ref) = results
+    assert rel_err(y, y_ref) <= 1e-4
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert rel_err(g, g_ref) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "kind", [k for k, (c, _) in ATTENTION.items() if "n_kv_heads" in _fields(c)]
+)
+def test_grouped_kv_heads_match_reference(kind: str) -> None:
+    """n_kv_heads as a knob (not only through a preset) still matches the twin."""
+    attn = make(kind, "causal", n_kv_heads=2)
+    inp = inputs("causal", 2, 21, pads=(0, 3))
+    with torch.no_grad():
+        y, y_ref = attn(**inp), REFERENCES[type(attn)](attn, **inp)
+    assert rel_err(y, y_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("kind, role", KIND_ROLES)
+def test_left_padding_is_invisible(kind: str, role: str) -> None:
+    """A left-padded row gives its unpadded self's outputs at the real tokens."""
+    attn, n = make(kind, role), 5
+    padded = inputs(role, 1, 21, pads=(n,))
+    with torch.no_grad():
+        y = attn(**padded)
+        if role == "cross":
+            y_ref = attn(padded["x"], positions=padded["positions"], memory=padded["memory"][:, n:])
+        else:
+            y_ref = attn(padded["x"][:, n:], positions=padded["positions"][:, n:])
+            y = y[:, n:]
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", CAUSAL)
+def test_causality(kind: str) -> None:
+    attn = make(kind, "causal")
+    inp = inputs("causal", 2, 21, pads=(0, 3))
+    with torch.no_grad():
+        y = attn(**inp)
+        for t in (0, 7, 8, 15):
+            changed = inp["x"].clone()
+            changed[:, t + 1 :] += torch.randn_like(changed[:, t + 1 :])
+            y2 = attn(**{**inp, "x": changed})
+            torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(y2[:, t + 1 :], y[:, t + 1 :])
+
+
+@pytest.mark.parametrize("pieces", [(12,), (5, 12)], ids=["prefill", "chunked_prefill"])
+@pytest.mark.parametrize("kind, role", DECODING)
+def test_prefill_then_decode_equals_full_forward(kind: str, role: str, pieces: tuple) -> None:
+    """Prefill (longer than a local window; or in 2 pieces) then one token at a time, left-padded
+    rows included, gives the full forward's outputs. Cross: the source is read only once."""
+    attn = make(kind, role).eval()
+    t = 21
+    inp = inputs(role, 3, t, pads=(0, 3, 6))
+    x, pos, memory, mask = inp["x"], inp["positions"], inp["memory"], inp["mask"]
+    cache = attn.init_cache(3, t if role == "causal" else memory.shape[1], "cpu", torch.float32)
+    with torch.no_grad():
+        full = attn(x, positions=pos, memory=memory, mask=mask)
+        bounds = [0, *pieces, *range(pieces[-1] + 1, t + 1)]
+        outs = []
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            if role == "cross":  # after the first call the summary comes from the cache
+                kw = {"memory": memory if i == 0 else None, "mask": mask if i == 0 else None}
+            else:  # generation passes no mask once the new tokens are all real
+                kw = {"mask": mask[:, lo:hi] if lo < max(pieces) else None}
+            outs.append(attn(x[:, lo:hi], positions=pos[:, lo:hi], cache=cache, **kw))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", CAUSAL)
+def test_cache_memory(kind: str) -> None:
+    """KV caches grow with max_len; rolling ones hold the window, recurrent ones a fixed state;
+    no cache ever grows with the tokens written."""
+    attn = make(kind, "causal").eval()
+    small = attn.init_cache(2, 64, "cpu", torch.float32)
+    cache = attn.init_cache(2, 1024, "cpu", torch.float32)
+    before = cache.nbytes
+    if isinstance(cache, KVCache):
+        assert before > 10 * small.nbytes
+    else:
+        assert before == small.nbytes
+        assert isinstance(cache, RollingKVCache | RecurrentState)
+    if isinstance(cache, RollingKVCache):
+        assert cache.k.shape[2] == SMALL == attn.cfg.window
+    inp = inputs("causal", 2, 40)
+    with torch.no_grad():
+        attn(**inp, cache=cache)
+        for _ in range(3):
+            attn(inp["x"][:, :1], positions=inp["positions"][:, :1] + 40, cache=cache)
+    assert cache.nbytes == before
+
+
+@pytest.mark.parametrize("kind", CHUNKED)
+def test_chunk_size_does_not_change_results(kind: str) -> None:
+    role = ATTENTION[kind][0].roles[0]
+    inp = inputs(role, 2, 100, pads=(0, 9))
+    with torch.no_grad():
+        ys = [make(kind, role, chunk_size=c)(**inp) for c in (16, 32, 64)]
+    for y in ys[1:]:
+        torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [-1000.0, 30.0], ids=["strong_decay", "near_one"])
+def test_gated_linear_long_sequences_stay_finite(bias: float) -> None:
+    attn = make("gated_linear", "causal", chunk_size=64)
+    with torch.no_grad():
+        attn.gate_up.bias.fill_(bias)
+    short = inputs("causal", 1, 40)
+    with torch.no_grad():  # forced gates still match the twin
+        y, y_ref = attn(**short), REFERENCES[type(attn)](attn, **short)
+    assert rel_err(y, y_ref) <= 1e-4
+    inp = inputs("causal", 1, 4096)
+    inp["x"].requires_grad_(True)
+    y = attn(**inp)
+    y.square().mean().backward()
+    assert torch.isfinite(y).all()
+    assert torch.isfinite(inp["x"].grad).all()
+    for p in attn.parameters():
+        assert torch.isfinite(p.grad).all()
+
+
+def test_unknown_kind_lists_valid_kinds() -> None:
+    with pytest.raises(ValueError, match="nope") as err:
+        build_attention({"kind": "nope"}, DIM, HEADS, "causal")
+    for kind in ATTENTION:
+        assert kind in str(err.value)
+
+
+@pytest.mark.parametrize("kind, role", MISSING_ROLES)
+def test_unsupported_role_names_kinds_that_can(kind: str, role: str) -> None:
+    with pytest.raises(ValueError) as err:
+        build_attention(kind, DIM, HEADS, role)
+    message = str(err.value)
+    assert kind in message and role in message
+    for other in kinds_for_role(role):
+        assert other in message
+
+
+@pytest.mark.parametrize(
+    "kind", [k for k, (c, _) in ATTENTION.items() if "n_kv_heads" in _fields(c)]
+)
+def test_kv_heads_must_divide_heads(kind: str) -> None:
+    with pytest.raises(ValueError, match="n_heads=4.*n_kv_heads=3"):
+        build_attention({"kind": kind, "n_kv_heads": 3}, DIM, HEADS, "causal")
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_attn_yaml_is_preset_plus_defaults(kind: str) -> None:
+    path = CONF / "attn" / f"{kind}.yaml"
+    if not path.exists() and kind in ("mha", "mqa", "gqa"):
+        pytest.skip(f"{path} is written by the lead")
+    values = yaml.safe_load(path.read_text())
+    assert values.pop("kind") == kind
+    cls, config = attention_config(kind)
+    assert set(values) == _fields(cls)
+    assert values == dataclasses.asdict(config)
