@@ -70,6 +70,23 @@ class Attention(nn.Module):
     ) -> Any:
         raise NotImplementedError
 
+    def flops_per_token(self, context: int) -> float:
+        """Forward FLOPs per query token over a sequence (or, for ``cross``, a memory) of
+        ``context`` tokens: 2 per multiply-add of every matmul, this module's projections
+        included (``projection_flops``). Elementwise work (softmax, RoPE, gates, norms) is
+        not counted, as in PaLM / nanoGPT / torchtitan; training costs 3x this.
+
+        Every kind overrides this. The default raises, so a kind without a count logs
+        tokens/s only instead of a wrong MFU.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define flops_per_token")
+
+    def projection_flops(self) -> int:
+        """2 x the weight entries of every ``nn.Linear`` here: their FLOPs per token."""
+        return sum(
+            2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
+        )
+
     def forward(
         self,
         x: Tensor,
@@ -80,3 +97,12 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
     ) -> Tensor:
         raise NotImplementedError
+
+    def attention_weights(self, x: Tensor, *, positions: Tensor) -> Tensor:
+        """Token-mixing weights (B, H, T, T) of self-attention over ``x`` (no padding, no
+        cache): entry [b, h, t, s] is how much value s adds to query t's head-h output before
+        the output projection (``scripts/attention_map.py``). Kinds that can say override this.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not provide attention_weights (attention maps)"
+        )

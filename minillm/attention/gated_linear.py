@@ -109,3 +109,16 @@ class GatedLinearAttention(Attention):
         y = self.o_norm(y.transpose(1, 2))  # (B, T, H, D_v)
         y = y.reshape(b, t, self.value_dim) * F.silu(self.g_proj(x))
         return self.o_proj(y)
+
+    def attention_weights(self, x: Tensor, *, positions: Tensor) -> Tensor:
+        """Decayed weights A[t, s] = sum_d q_td k_sd prod_{s<r<=t} alpha_rd for s <= t, zero
+        above the diagonal: (B, H, T, T), ``A @ v`` is the output before ``o_norm`` and the
+        output gate. Not a distribution: entries can be negative, rows need not sum to 1.
+        Builds a (B, H, T, T, D_k) tensor: meant for short prompts."""
+        t, dtype = x.shape[1], torch.promote_types(x.dtype, torch.float32)
+        q = self._heads(self.q_proj(x), self.head_k) * self.head_k**-0.5  # (B, H, T, D_k)
+        k = self._heads(self.k_proj(x), self.head_k)  # (B, H, T, D_k)
+        g = self.log_gates(x).to(dtype).cumsum(2)  # (B, H, T, D_k) log-decay from the start
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[..., None]
+        log_decay = (g[:, :, :, None] - g[:, :, None]).masked_fill(~causal, float("-inf"))
+        return torch.einsum("bhtd,bhsd,bhtsd->bhts", q.to(dtype), k.to(dtype), log_decay.exp())

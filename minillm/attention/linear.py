@@ -112,3 +112,16 @@ class LinearAttention(Attention):
             cache.normalizer.copy_(z)
             cache.length += x.shape[1]
         return y
+
+    def attention_weights(self, x: Tensor, *, positions: Tensor) -> Tensor:
+        """phi(q_t) . phi(k_s) over the keys query t sees, divided by their sum (+ eps):
+        (B, H, T, T), non-negative, rows summing to ~1; ``weights @ v`` is the output before
+        ``o_proj``."""
+        if self.role == "cross":
+            raise NotImplementedError("attention_weights covers the self-attention roles")
+        q = elu_feature_map(self._heads(self.q_proj, x))  # (B, H, T, D)
+        k = elu_feature_map(self._heads(self.k_proj, x))
+        scores = q @ k.transpose(-1, -2)  # (B, H, T, T)
+        if self.causal:
+            scores = scores.tril()
+        return scores / (scores.sum(-1, keepdim=True) + self.cfg.eps)

@@ -173,3 +173,18 @@ class LocalAttention(Attention):
             valid = torch.cat((cache.valid[:, slots], new), dim=1)  # (B, P + T)
         cache.append(k.transpose(1, 2), v.transpose(1, 2), mask)
         return torch.cat((k_ctx, k), dim=1), torch.cat((v_ctx, v), dim=1), valid
+
+    def attention_weights(self, x: Tensor, *, positions: Tensor) -> Tensor:
+        """Softmax weights (B, H, T, T) over each query's window, zero outside it; with V's
+        KV heads repeated, ``weights @ v`` is the output before ``o_proj``."""
+        t = x.shape[1]
+        q = self._heads(self.q_proj, x, self.n_heads).transpose(1, 2)  # (B, H, T, D)
+        k = self._heads(self.k_proj, x, self.n_kv_heads).transpose(1, 2)  # (B, H_kv, T, D)
+        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_base)  # (B, 1, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, D)
+        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # (B, H, T, T)
+        i = torch.arange(t, device=x.device)
+        ahead = i[None, :] - i[:, None]  # (T, T) key index minus query index
+        in_window = (ahead >= -self.before) & (ahead <= self.after)
+        return scores.masked_fill(~in_window, float("-inf")).softmax(-1)

@@ -70,6 +70,15 @@ class MultiHeadAttention(Attention):
         """KV cache for ``max_len`` tokens (cross role: ``max_len`` = source length)."""
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
 
+    def flops_per_token(self, context: int) -> float:
+        """Projections plus QK^T and AV over ``context`` keys for each query head.
+
+        A causal query is counted against all ``context`` keys, not the ~half it may see:
+        the PaLM / nanoGPT / torchtitan convention, so MFU compares with theirs. GQA/MQA
+        share K/V heads but every query head still does its own 4 * head_dim * context.
+        """
+        return self.projection_flops() + 4 * self.n_heads * self.head_dim * context
+
     def _heads(self, proj: nn.Linear, x: Tensor, n: int) -> Tensor:
         b, t, _ = x.shape
         return proj(x).view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
@@ -122,3 +131,20 @@ class MultiHeadAttention(Attention):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa
         )
+
+    def attention_weights(self, x: Tensor, *, positions: Tensor) -> Tensor:
+        """Softmax weights (B, H, T, T), rows summing to 1 (zero above the diagonal when
+        causal); with V's KV heads repeated, ``weights @ v`` is the output before ``o_proj``."""
+        if self.role == "cross":
+            raise NotImplementedError("attention_weights covers the self-attention roles")
+        t = x.shape[1]
+        q = self._heads(self.q_proj, x, self.n_heads)  # (B, H, T, D)
+        k = self._heads(self.k_proj, x, self.n_kv_heads)  # (B, H_kv, T, D)
+        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_base)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, D)
+        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # (B, H, T, T)
+        allowed = softmax_attention_mask(t, t, 0, self.causal, None, x.device)  # (1, 1, T, T)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.softmax(-1)

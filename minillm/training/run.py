@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from minillm.data import LMDataModule
 from minillm.data.instructions import InstructionsDataModule
 from minillm.data.translation import TranslationDataModule
-from minillm.models import ModelConfig
+from minillm.models import ModelConfig, sizing
 from minillm.training.finetune import (
     check_architecture,
     load_initial_weights,
@@ -27,6 +27,7 @@ from minillm.training.finetune import (
 from minillm.training.loggers import LoggerConfig, build_logger
 from minillm.training.module import LMModule
 from minillm.training.optim import OptimConfig
+from minillm.training.run_metrics import RunMetrics, write_run_metrics
 from minillm.training.trainer import TrainerConfig, build_trainer
 
 C = TypeVar("C")
@@ -50,6 +51,7 @@ class RunConfig:
     cache_dir: str | None = None  # tokenizer/tokenized-data cache; default ~/.cache/minillm
     init_from: str | None = None  # fine-tune: weights + tokenizer of a .ckpt, run dir or export
     init_from_strict: bool = True  # false: load the tensors that match, list the others
+    match_params: str | None = None  # a kind: size the MLP to its parameter count (compare)
 
 
 # data.task -> the DataModule that reads that data config. Each takes
@@ -98,6 +100,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     logger_cfg = make_config(LoggerConfig, cfg["logger"], "logger")
     L.seed_everything(run.seed, workers=True, verbose=False)
     model_cfg = {**cfg["model"], "attn": cfg["attn"]}
+    if run.match_params:
+        model_cfg = sizing.match_params(model_cfg, run.match_params)
     init = read_initial_weights(run.init_from) if run.init_from else None
     if init is not None and run.init_from_strict:  # before any data is read
         vocab = {"vocab_size": init.model_cfg.vocab_size}
@@ -134,7 +138,7 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         for line in load_initial_weights(module.model, init, run.init_from_strict):
             rank_zero_info(line)
     logger = build_logger(logger_cfg, run_dir)
-    trainer = build_trainer(trainer_cfg, run_dir, logger, data.callbacks())
+    trainer = build_trainer(trainer_cfg, run_dir, logger, [*data.callbacks(), RunMetrics()])
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tokenizer.json").write_text(tokenizer_json)
@@ -172,6 +176,7 @@ def _summary(trainer: L.Trainer, data: L.LightningDataModule, run_dir: Path) -> 
         "unigram_ppl": data.unigram_perplexity(),
         "global_step": trainer.global_step,
     }
+    write_run_metrics(trainer, data, summary)  # <run>/metrics.json for the comparison report
     rank_zero_info(
         f"\nrun directory:  {summary['run_dir']}\n"
         f"checkpoints:    {summary['best_ckpt']} (best), {summary['last_ckpt']} (last)\n"
