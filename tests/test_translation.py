@@ -372,3 +372,20 @@ def test_a_tiny_reversal_task_is_learned_to_bleu_90(tmp_path: Path, capsys) -> N
     assert Path(scores["hypotheses"]).name == "tiny.test.beam2.txt"
     out = capsys.readouterr().out
     assert "BLEU = " in out and "chrF2 = " in out and "tok:13a" in out
+    # the generation CLI translates with the same checkpoint
+    cli = _load_script("generate")
+    pair = pairs[0]
+    (text,) = cli.main([f"ckpt={ckpt}", f"prompt={pair['src']}", "num_beams=3"])
+    assert text == pair["tgt"]
+    assert capsys.readouterr().out.strip() == pair["tgt"]
+
+
+def _load_script(name: str):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, CONF.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
