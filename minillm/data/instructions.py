@@ -23,14 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from minillm.checkpoint import read_checkpoint
+from minillm.data.base import TrainingDataModule
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.sources import DataConfig
 from minillm.data.tokenizer import EOS_ID, PAD_ID, check_special_tokens, load_or_train_tokenizer
@@ -136,35 +134,13 @@ def _expand(patterns: list[str]) -> list[str]:
     return paths
 
 
-class InstructionsDataModule(L.LightningDataModule):
+class InstructionsDataModule(TrainingDataModule):
     """Batches ``{"input_ids", "labels"}`` (B, T), right-padded; built like ``LMDataModule``."""
 
     Config = InstructionsConfig  # the schema of its data config (conf/data/instructions.yaml)
 
-    def __init__(
-        self,
-        data: InstructionsConfig | Mapping[str, Any],
-        *,
-        max_len: int,
-        batch_size: int,
-        seed: int = 1234,
-        num_workers: int = 0,
-        cache_dir: str | None = None,
-        tokenizer: Tokenizer | None = None,
-        total_steps: int | None = None,
-        accumulate: int = 1,
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__()
-        self.cfg = InstructionsConfig.coerce(data)
-        self.max_len, self.batch_size, self.seed = max_len, batch_size, seed
-        self.eval_batch_size = self.cfg.eval_batch_size or batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.total_steps, self.accumulate = total_steps, accumulate
-        default_cache = os.environ.get("MINILLM_CACHE") or os.path.expanduser("~/.cache/minillm")
-        self.cache_dir = cache_dir or default_cache
-        self.tokenizer = tokenizer  # a given tokenizer is used as is, never retrained
-        self.vocab_size: int | None = None
+    def __init__(self, data: InstructionsConfig | Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(data, **kwargs)
         self.train: list[tuple[np.ndarray, int]] | None = None  # (ids, prompt length)
         self.valid: list[tuple[np.ndarray, int]] | None = None
 
@@ -216,10 +192,7 @@ class InstructionsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        rank, world_size, step = 0, 1, 0
-        if self.trainer is not None:
-            rank, world_size = self.trainer.global_rank, self.trainer.world_size
-            step = self.trainer.global_step
+        rank, world_size, step = self._position()
         sampler = ResumableBatchSampler(
             len(self.train),
             self.batch_size,
@@ -234,9 +207,7 @@ class InstructionsDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """All validation records in order; under DDP rank r takes records r::world_size."""
         self.setup()
-        rank, world_size = 0, 1
-        if self.trainer is not None:
-            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        rank, world_size, _ = self._position()
         return self._loader(self.valid[rank::world_size], batch_size=self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
@@ -250,9 +221,6 @@ class InstructionsDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             **batching,
         )
-
-    def callbacks(self) -> list[Callback]:
-        return []
 
     def unigram_perplexity(self) -> float:
         """Validation response-token perplexity of add-one-smoothed training label counts."""

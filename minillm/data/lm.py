@@ -14,13 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import datasets
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from minillm.data.base import TrainingDataModule
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.sources import DataConfig, load_documents
 from minillm.data.tokenizer import (
@@ -36,7 +35,7 @@ TOKENIZED_VERSION = 1
 logger = logging.getLogger(__name__)
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(TrainingDataModule):
     """Packed next-token blocks with a resumable, DDP-sharded training order.
 
     The training order is a pure function of (seed, global batch position), and
@@ -48,30 +47,8 @@ class LMDataModule(L.LightningDataModule):
 
     Config = DataConfig  # the schema of its data config (conf/data/{sotu,text,hf}.yaml)
 
-    def __init__(
-        self,
-        data: DataConfig | Mapping[str, Any],
-        *,
-        max_len: int,
-        batch_size: int,
-        seed: int = 1234,
-        num_workers: int = 0,
-        cache_dir: str | None = None,
-        tokenizer: Tokenizer | None = None,
-        total_steps: int | None = None,
-        accumulate: int = 1,
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__()
-        self.cfg = DataConfig.coerce(data)
-        self.max_len, self.batch_size, self.seed = max_len, batch_size, seed
-        self.eval_batch_size = self.cfg.eval_batch_size or batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.total_steps, self.accumulate = total_steps, accumulate
-        default_cache = os.environ.get("MINILLM_CACHE") or os.path.expanduser("~/.cache/minillm")
-        self.cache_dir = cache_dir or default_cache
-        self.tokenizer = tokenizer  # a given tokenizer is used as is, never retrained
-        self.vocab_size: int | None = None  # set by setup()
+    def __init__(self, data: DataConfig | Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(data, **kwargs)
         self.train_blocks: np.ndarray | None = None  # (n_train_blocks, max_len + 1) int32
         self.valid_blocks: np.ndarray | None = None  # (n_valid_blocks, <= max_len + 1) int32
 
@@ -146,10 +123,7 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        rank, world_size, step = 0, 1, 0
-        if self.trainer is not None:
-            trainer = self.trainer
-            rank, world_size, step = trainer.global_rank, trainer.world_size, trainer.global_step
+        rank, world_size, step = self._position()
         n = len(self.train_blocks)
         # Whole optimizer steps per pass: Lightning steps on a partial accumulation at the
         # end of an epoch, which would break start_batch = global_step * accumulate.
@@ -181,9 +155,7 @@ class LMDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """All validation blocks in order; under DDP rank r takes blocks r::world_size."""
         self.setup()
-        rank, world_size = 0, 1
-        if self.trainer is not None:
-            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        rank, world_size, _ = self._position()
         return DataLoader(
             _Blocks(self.valid_blocks[rank::world_size]),
             batch_size=self.eval_batch_size,
@@ -196,10 +168,6 @@ class LMDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """There is no separate test split: `trainer.test` reports on the validation blocks."""
         return self.val_dataloader()
-
-    def callbacks(self) -> list[Callback]:
-        """Task-specific training callbacks: none for language modelling."""
-        return []
 
     def unigram_perplexity(self) -> float:
         """Validation perplexity of add-one-smoothed training unigram frequencies.

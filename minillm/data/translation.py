@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from minillm.data.base import TrainingDataModule
 from minillm.data.parallel import Pair, read_hf_pairs, read_pairs
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.sources import DataConfig
@@ -126,7 +124,7 @@ class Encoded:
         return len(self.src)
 
 
-class TranslationDataModule(L.LightningDataModule):
+class TranslationDataModule(TrainingDataModule):
     """Length-bucketed batches of ``{"src_ids", "src_mask", "input_ids", "labels"}``.
 
     Built like ``LMDataModule`` (same constructor; the trainer must use
@@ -135,28 +133,8 @@ class TranslationDataModule(L.LightningDataModule):
 
     Config = TranslationDataConfig  # the schema of its ``data`` config group
 
-    def __init__(
-        self,
-        data: TranslationDataConfig | Mapping[str, Any],
-        *,
-        max_len: int,
-        batch_size: int,
-        seed: int = 1234,
-        num_workers: int = 0,
-        cache_dir: str | None = None,
-        tokenizer: Tokenizer | None = None,
-        total_steps: int | None = None,
-        accumulate: int = 1,
-    ) -> None:
-        super().__init__()
-        self.cfg = TranslationDataConfig.coerce(data)
-        self.max_len, self.batch_size, self.seed = max_len, batch_size, seed
-        self.eval_batch_size = self.cfg.eval_batch_size or batch_size
-        self.num_workers, self.total_steps, self.accumulate = num_workers, total_steps, accumulate
-        default_cache = os.environ.get("MINILLM_CACHE") or os.path.expanduser("~/.cache/minillm")
-        self.cache_dir = cache_dir or default_cache
-        self.tokenizer = tokenizer  # a given tokenizer is used as is
-        self.vocab_size: int | None = None
+    def __init__(self, data: TranslationDataConfig | Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(data, **kwargs)
         self.train: Encoded | None = None  # set by setup()
         self.valid: Encoded | None = None
 
@@ -216,10 +194,7 @@ class TranslationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        rank, world_size, step = 0, 1, 0
-        if self.trainer is not None:
-            trainer = self.trainer
-            rank, world_size, step = trainer.global_rank, trainer.world_size, trainer.global_step
+        rank, world_size, step = self._position()
         n = len(self.train_batches)
         per_epoch = n // world_size // self.accumulate * self.accumulate
         sampler = ResumableBatchSampler(  # batch_size 1: one item = one bucketed batch
@@ -236,9 +211,7 @@ class TranslationDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """All validation batches in order; under DDP rank r takes batches r::world_size."""
         self.setup()
-        rank, world_size = 0, 1
-        if self.trainer is not None:
-            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        rank, world_size, _ = self._position()
         return self._loader(self.valid, self.valid_batches[rank::world_size])
 
     def test_dataloader(self) -> DataLoader:
