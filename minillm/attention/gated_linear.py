@@ -81,6 +81,13 @@ class GatedLinearAttention(Attention):
         logits = self.gate_up(self.gate_down(x))  # (B, T, key_dim)
         return self._heads(F.logsigmoid(logits) / self.cfg.gate_logit_normalizer, self.head_k)
 
+    def flops_per_token(self, context: int) -> float:
+        """Projections (gates included: they are low-rank linear maps) plus, per head, the
+        intra-chunk scores and mixing over a chunk and the state read and update."""
+        c = min(self.cfg.chunk_size, 1 << (context - 1).bit_length())
+        per_head = c * self.head_k + 2 * c * self.head_v + 4 * self.head_k * self.head_v
+        return self.projection_flops() + self.n_heads * per_head
+
     def forward(
         self,
         x: Tensor,

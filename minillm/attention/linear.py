@@ -71,6 +71,16 @@ class LinearAttention(Attention):
             k = k * mask[:, None, :, None].to(k.dtype)  # padding keys contribute nothing
         return k, self._heads(self.v_proj, src)
 
+    def flops_per_token(self, context: int) -> float:
+        """Projections plus, per head: the causal chunked form's state read/update (the
+        normaliser rides as a ones column of v, hence d + 1) and its intra-chunk product;
+        the global (bidirectional, cross) form's state product."""
+        d = self.head_dim
+        if not self.causal:
+            return self.projection_flops() + self.n_heads * (4 * d * d + 2 * d)
+        c = min(self.cfg.chunk_size, context)
+        return self.projection_flops() + self.n_heads * (4 * d * (d + 1) + 2 * c * (2 * d + 1))
+
     def forward(
         self,
         x: Tensor,

@@ -133,6 +133,11 @@ class LocalAttention(Attention):
         b, t, _ = x.shape
         return proj(x).view(b, t, n, self.head_dim)  # (B, T, n, D)
 
+    def flops_per_token(self, context: int) -> float:
+        """Projections plus QK^T and AV over the keys in the window (not the whole context)."""
+        keys = min(self.before + self.after + 1, context)
+        return self.projection_flops() + 4 * self.n_heads * self.head_dim * keys
+
     def forward(
         self,
         x: Tensor,

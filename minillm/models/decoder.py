@@ -40,6 +40,20 @@ class DecoderLM(nn.Module):
         ``mask`` (B, T) True for real tokens (left padding). ``caches`` from ``init_caches``:
         the call appends to them; after the first call pass ``positions`` explicitly.
         """
+        return self.lm_head(
+            self.hidden_states(input_ids, positions=positions, mask=mask, caches=caches)
+        )
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        *,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        caches: list[Any] | None = None,
+    ) -> Tensor:
+        """What ``lm_head`` reads: (B, T, dim), after the final norm. Training feeds it to
+        ``linear_cross_entropy`` so the (B, T, vocab) logits are never materialised."""
         b, t = input_ids.shape
         if positions is None:
             positions = positions_from_mask(mask, b, t, input_ids.device)
@@ -47,7 +61,7 @@ class DecoderLM(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             x = block(x, positions=positions, mask=mask, cache=cache)
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        return self.norm(x)  # (B, T, dim)
 
     def init_caches(
         self,
