@@ -297,8 +297,10 @@ def test_sampler_resume_matches_uninterrupted_stream(start: int) -> None:
     assert stream(resumed) == full[start:]
     later = stream(ResumableBatchSampler(35, 4, seed=0, num_batches=60))[20:40]
     assert stream(resumed) == later  # each later pass is the next num_batches
-    assert stream(ResumableBatchSampler(35, 4, seed=0, start_batch=20 + start, num_batches=20)) \
-        == stream(ResumableBatchSampler(35, 4, seed=0, num_batches=40))[20 + start:]
+    assert (
+        stream(ResumableBatchSampler(35, 4, seed=0, start_batch=20 + start, num_batches=20))
+        == stream(ResumableBatchSampler(35, 4, seed=0, num_batches=40))[20 + start :]
+    )
 
 
 class _Recorder(L.LightningModule):
@@ -315,16 +317,29 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(dm: LMDataModule, max_steps: int, accumulate: int, resume: str | None = None,
-         ckpt_dir: Path | None = None, every: int | None = None) -> list[list[int]]:
+def _fit(
+    dm: LMDataModule,
+    max_steps: int,
+    accumulate: int,
+    resume: str | None = None,
+    ckpt_dir: Path | None = None,
+    every: int | None = None,
+) -> list[list[int]]:
     dm.setup()
     model = _Recorder(dm.vocab_size)
     callbacks = [ModelCheckpoint(ckpt_dir, every_n_train_steps=every, save_top_k=-1)]
     trainer = L.Trainer(
-        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
-        accelerator="cpu", logger=False, callbacks=callbacks if every else None,
-        enable_checkpointing=bool(every), enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, limit_val_batches=0,
+        max_steps=max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks if every else None,
+        enable_checkpointing=bool(every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
     )
     trainer.fit(model, datamodule=dm, ckpt_path=resume)
     return model.seen
