@@ -1,15 +1,11 @@
 """Generation: sampling filters, prefill/decode over any cache, text and token-level APIs."""
 
 from minillm.generation.generate import (
-    Completion,
     GenerationConfig,
-    TextStream,
-    complete,
     context_limit,
     decode_step,
     decode_steps,
     fit_prompts,
-    generate,
     generate_ids,
     left_pad,
     prefill,
@@ -23,6 +19,7 @@ from minillm.generation.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from minillm.generation.text import Completion, TextStream, complete, generate
 
 __all__ = [
     "Completion",
