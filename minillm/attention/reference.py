@@ -58,13 +58,9 @@ def mha_reference(
     b, t, _ = x.shape
     src = memory if attn.role == "cross" else x
     s = src.shape[1]
-
-    def heads(w: Tensor, inp: Tensor, n: int) -> Tensor:
-        return (inp @ w.T).view(b, inp.shape[1], n, attn.head_dim).transpose(1, 2)
-
-    q = heads(attn.q_proj.weight, x, attn.n_heads)
-    k = heads(attn.k_proj.weight, src, attn.n_kv_heads)
-    v = heads(attn.v_proj.weight, src, attn.n_kv_heads)
+    q = _split_heads(_project(attn.q_proj, x), attn.n_heads)  # (B, H, T, D)
+    k = _split_heads(_project(attn.k_proj, src), attn.n_kv_heads)  # (B, H_kv, S, D)
+    v = _split_heads(_project(attn.v_proj, src), attn.n_kv_heads)
     if attn.role != "cross":
         q = rope_reference(q, positions, attn.cfg.rope_base)
         k = rope_reference(k, positions, attn.cfg.rope_base)
@@ -79,7 +75,7 @@ def mha_reference(
         return [j for j in range(query + 1) if valid[row, j] or j == query]
 
     y = softmax_reference(q, k, v, allowed)
-    return y.transpose(1, 2).reshape(b, t, attn.dim) @ attn.o_proj.weight.T
+    return _project(attn.o_proj, y.transpose(1, 2).reshape(b, t, attn.dim))
 
 
 def _project(layer: torch.nn.Linear, inp: Tensor) -> Tensor:

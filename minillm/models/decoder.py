@@ -52,8 +52,9 @@ class DecoderLM(nn.Module):
         mask: Tensor | None = None,
         caches: list[Any] | None = None,
     ) -> Tensor:
-        """What ``lm_head`` reads: (B, T, dim), after the final norm. Training feeds it to
-        ``linear_cross_entropy`` so the (B, T, vocab) logits are never materialised."""
+        """What ``lm_head`` reads: (B, T, dim), after the final norm. ``linear_cross_entropy``
+        takes it to compute the loss without materialising (B, T, vocab) logits (not yet
+        used by ``LMModule``, which still goes through ``forward``)."""
         b, t = input_ids.shape
         if positions is None:
             positions = positions_from_mask(mask, b, t, input_ids.device)
