@@ -24,7 +24,8 @@ class _AppendingWriter(ExperimentWriter):
     """Appends to an existing metrics.csv (a resumed run keeps one log) instead of deleting it.
 
     Rows logged after the resumed checkpoint but before a crash appear twice; readers keep
-    the last row of each step.
+    the last row of each step. Lightning writes a step's row just after that step's
+    checkpoint, so a kill in that instant loses the one row of the checkpointed step.
     """
 
     def _check_log_dir_exists(self) -> None:
