@@ -161,7 +161,7 @@ def _validate_final_model(trainer: L.Trainer, data: L.LightningDataModule) -> No
     score = trainer.callback_metrics["val/loss"]
     if best.best_model_score is None or score < best.best_model_score:
         path = Path(best.dirpath) / f"{best.filename}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # full state, as ModelCheckpoint
         best.best_model_path, best.best_model_score = str(path), score
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 def _status_kb(field: str) -> int | None:
@@ -119,7 +120,7 @@ class RunMetrics(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.val_s += self._open()[1]
         self._val_since = None
-        if trainer.training:  # validation inside fit: training goes on
+        if trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: training goes on
             self._train_since = time.perf_counter()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
