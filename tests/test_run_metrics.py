@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from minillm.training import run_metrics
 from minillm.training.run_metrics import RunMetrics
 
 TRAIN_TICK, VAL_TICK = 1.0, 10.0
@@ -46,10 +45,9 @@ def loader(n: int) -> DataLoader:
 
 
 @pytest.mark.parametrize("val_every", [2, 3])
-def test_train_and_validation_time_cover_every_stretch_of_the_fit(monkeypatch, val_every, tmp_path):
+def test_train_and_validation_time_cover_every_stretch_of_the_fit(val_every, tmp_path):
     clock = Clock()
-    monkeypatch.setattr(run_metrics.time, "perf_counter", clock)
-    timer = RunMetrics()
+    timer = RunMetrics(clock=clock)
     steps, val_batches = 7, 2
     trainer = L.Trainer(
         max_steps=steps, val_check_interval=val_every, limit_val_batches=val_batches,

@@ -24,6 +24,7 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,8 @@ class RunMetrics(Callback):
     Times add up over resumes: they travel in the checkpoint (``state_dict``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # seconds; tests pass a fake one
         self.train_s = 0.0  # training wall time, validation excluded
         self.val_s = 0.0
         self.tokens = 0  # training label positions over all ranks
@@ -77,7 +79,7 @@ class RunMetrics(Callback):
 
     def _open(self) -> tuple[float, float]:
         """Seconds of the open training stretch and of the running validation."""
-        now = time.perf_counter()
+        now = self.clock()
         return (
             now - self._train_since if self._train_since is not None else 0.0,
             now - self._val_since if self._val_since is not None else 0.0,
@@ -103,7 +105,7 @@ class RunMetrics(Callback):
             self.rss_start_kb = _status_kb("VmRSS")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._train_since = time.perf_counter()
+        self._train_since = self.clock()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
@@ -112,7 +114,7 @@ class RunMetrics(Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.train_s += self._open()[0]
-        self._train_since, self._val_since = None, time.perf_counter()
+        self._train_since, self._val_since = None, self.clock()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log("time/elapsed_s", torch.tensor(self.elapsed()), rank_zero_only=True)
@@ -121,7 +123,7 @@ class RunMetrics(Callback):
         self.val_s += self._open()[1]
         self._val_since = None
         if trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: training goes on
-            self._train_since = time.perf_counter()
+            self._train_since = self.clock()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.train_s += self._open()[0]
