@@ -75,6 +75,28 @@ class EncoderDecoderLM(nn.Module):
         the first call, fills the cross-attention caches from ``memory`` (afterwards
         ``memory`` may be None). With caches, pass ``positions`` after the first call.
         """
+        return self.lm_head(
+            self.decode_hidden(
+                input_ids,
+                memory,
+                memory_mask=memory_mask,
+                mask=mask,
+                positions=positions,
+                caches=caches,
+            )
+        )
+
+    def decode_hidden(
+        self,
+        input_ids: Tensor,
+        memory: Tensor | None,
+        *,
+        memory_mask: Tensor | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        caches: list[Any] | None = None,
+    ) -> Tensor:
+        """What ``lm_head`` reads in ``decode``: (B, T, dim), after the final norm."""
         b, t = input_ids.shape
         if positions is None:
             positions = positions_from_mask(mask, b, t, input_ids.device)  # (B, T)
@@ -89,7 +111,7 @@ class EncoderDecoderLM(nn.Module):
                 memory=memory,
                 memory_mask=memory_mask,
             )
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        return self.norm(x)  # (B, T, dim)
 
     def forward(
         self,
@@ -108,9 +130,33 @@ class EncoderDecoderLM(nn.Module):
         ``mask`` (B, T) marks real target tokens; right padding after the last real token
         needs no mask (the decoder is causal).
         """
+        return self.lm_head(
+            self.hidden_states(
+                src_ids,
+                input_ids,
+                src_mask=src_mask,
+                mask=mask,
+                positions=positions,
+                caches=caches,
+                memory=memory,
+            )
+        )
+
+    def hidden_states(
+        self,
+        src_ids: Tensor | None,
+        input_ids: Tensor,
+        *,
+        src_mask: Tensor | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        caches: list[Any] | None = None,
+        memory: Tensor | None = None,
+    ) -> Tensor:
+        """``forward`` before the LM head: (B, T, dim) (``linear_cross_entropy`` reads it)."""
         if memory is None:
             memory = self.encode(src_ids, src_mask)  # (B, S, dim)
-        return self.decode(
+        return self.decode_hidden(
             input_ids,
             memory,
             memory_mask=src_mask,
