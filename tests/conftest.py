@@ -45,13 +45,9 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compose(overrides: list[str]) -> dict:
     """Compose conf/train.yaml exactly as train.py does, as a plain resolved dict."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from minillm.cli.app import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_config("train", overrides)
 
 
 def tiny_overrides(corpus: Path, *extra: str) -> list[str]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import Tensor, nn
 
 from minillm.attention import (
@@ -21,7 +20,6 @@ from minillm.attention import (
     KVCache,
     RecurrentState,
     RollingKVCache,
-    attention_config,
     build_attention,
     kinds_for_role,
 )
@@ -236,15 +234,3 @@ def test_unsupported_role_names_kinds_that_can(kind: str, role: str) -> None:
 def test_kv_heads_must_divide_heads(kind: str) -> None:
     with pytest.raises(ValueError, match="n_heads=4.*n_kv_heads=3"):
         build_attention({"kind": kind, "n_kv_heads": 3}, DIM, HEADS, "causal")
-
-
-@pytest.mark.parametrize("kind", list(ATTENTION))
-def test_attn_yaml_is_preset_plus_defaults(kind: str) -> None:
-    path = CONF / "attn" / f"{kind}.yaml"
-    if not path.exists() and kind in ("mha", "mqa", "gqa"):
-        pytest.skip(f"{path} is written by the lead")
-    values = yaml.safe_load(path.read_text())
-    assert values.pop("kind") == kind
-    cls, config = attention_config(kind)
-    assert set(values) == _fields(cls)
-    assert values == dataclasses.asdict(config)

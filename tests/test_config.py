@@ -1,69 +1,183 @@
-"""Invariant 5: every YAML in conf/ composes, and every key is a field of its dataclass."""
+"""Invariant 5: every config composes, every key is a field of its dataclass (Hydra's
+structured-config schemas), no default is written twice, and a bad value stops a command
+with one line and exit status 2 before anything is read or written."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONF, compose
-from hydra.errors import ConfigCompositionException
+from conftest import CONF, ROOT, compose
 
 from minillm.attention import ATTENTION, attention_config
+from minillm.cli.app import check_command_line
+from minillm.cli.schema import TrainSchema
+from minillm.cli.train import validate
 from minillm.models import ModelConfig
 from minillm.training import LoggerConfig, OptimConfig, TrainerConfig
-from minillm.training.run import DATA_MODULES, GROUPS, RunConfig
+from minillm.training.run import DATA_MODULES, RunConfig
 
-SCHEMAS = {
-    "model": ModelConfig,
-    "trainer": TrainerConfig,
-    "optim": OptimConfig,
-    "logger": LoggerConfig,
-}
 OPTIONS = [
     (group.name, option.stem)
     for group in sorted(CONF.iterdir())
     if group.is_dir()
     for option in sorted(group.glob("*.yaml"))
 ]
-REQUIRED = {("data", "text"): ["data.files=[x.txt]"], ("data", "hf"): ["data.name=x"]}
-
-
-def field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+REQUIRED = {
+    ("data", "text"): ["data.files=[x.txt]"],
+    ("data", "instructions"): ["data.files=[x.jsonl]"],
+    ("data", "hf"): ["data.name=x"],
+    ("experiment", "finetune"): ["init_from=x"],
+}
+SCHEMAS = {"model": ModelConfig, "trainer": TrainerConfig, "optim": OptimConfig}
+SCHEMAS["logger"] = LoggerConfig
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
-def test_every_option_composes_and_matches_its_schema(group: str, option: str) -> None:
+def test_every_option_composes_and_validates(group: str, option: str) -> None:
     cfg = compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
-    top = {k: v for k, v in cfg.items() if k not in GROUPS}
-    assert set(top) <= field_names(RunConfig)
-    data_schema = DATA_MODULES[cfg["data"]["task"]].Config  # each task has its own schema
-    for name, schema in {**SCHEMAS, "data": data_schema}.items():
-        assert set(cfg[name]) <= field_names(schema), (
-            f"{name}: {set(cfg[name]) - field_names(schema)}"
-        )
-    cls, attn_cfg = attention_config(cfg["attn"])  # raises on unknown keys
-    ModelConfig.from_dict({**cfg["model"], "attn": cfg["attn"]})
+    validate(cfg)  # every dataclass built: keys known, values in range
 
 
 @pytest.mark.parametrize("kind", sorted(ATTENTION))
-def test_attn_yaml_equals_registry_preset(kind: str) -> None:
-    path = CONF / "attn" / f"{kind}.yaml"
-    assert path.exists(), f"registry kind {kind!r} has no conf/attn/{kind}.yaml"
-    values = yaml.safe_load(path.read_text())
+def test_every_registry_kind_is_an_attn_option_without_yaml(kind: str) -> None:
+    cfg = compose([f"attn={kind}"])
     _, resolved = attention_config(kind)
-    assert values == {"kind": kind, **dataclasses.asdict(resolved)}
+    assert cfg["attn"] == {"kind": kind, **dataclasses.asdict(resolved)}
+    assert cfg["model"]["attn"] == cfg["attn"]  # the decoder reads the attn group
 
 
-def test_unknown_attention_lists_the_choices() -> None:
-    with pytest.raises(ConfigCompositionException) as err:
-        compose(["attn=nope"])
-    message = str(err.value) + str(err.value.__cause__)
-    for kind in ("mha", "mqa", "gqa"):
-        assert kind in message
+def _schema_defaults(cls: type) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
-def test_unknown_key_in_a_group_is_rejected() -> None:
-    with pytest.raises(ConfigCompositionException):
-        compose(["trainer.max_stepz=3"])
+def _redundant(values: dict, schema: type, where: str) -> list[str]:
+    """Keys of ``values`` equal to the dataclass default (nested groups followed)."""
+    defaults, out = _schema_defaults(schema), []
+    for key, value in values.items():
+        if key in ("defaults", "hydra"):
+            continue
+        nested = {**SCHEMAS, "data": None}.get(key) if schema is TrainSchema else None
+        if isinstance(value, dict) and nested:
+            out += _redundant(value, nested, f"{where}{key}.")
+        elif key in defaults and defaults[key] == value:
+            out.append(f"{where}{key}={value!r}")
+    return out
+
+
+def _yaml_schema(path: Path) -> type | None:
+    values = yaml.safe_load(path.read_text()) or {}
+    group = path.parent.name
+    if group == "data":
+        base = next(d for d in values.get("defaults", []) if str(d).startswith("base_"))
+        return DATA_MODULES[base.removeprefix("base_")].Config
+    if group == "experiment":
+        return TrainSchema
+    return SCHEMAS.get(group)
+
+
+GROUP_FILES = sorted(p for p in CONF.glob("*/*.yaml") if p.parent.name != "experiment")
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_no_default_is_written_twice(path: Path) -> None:
+    schema = _yaml_schema(path)
+    values = yaml.safe_load(path.read_text()) or {}
+    assert schema is not None, f"{path} has no schema"
+    assert not _redundant(values, schema, f"{path.parent.name}/"), "restates a default"
+
+
+def _leaves(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("experiment/*.yaml")), ids=lambda p: p.stem)
+def test_experiments_set_only_what_changes(path: Path) -> None:
+    """A preset's key must change the config it is applied to (its group choices included)."""
+    values = yaml.safe_load(path.read_text()) or {}
+    groups = [
+        f"{k.removeprefix('override /')}={v}"
+        for d in values.pop("defaults", [])
+        for k, v in d.items()
+    ]
+    values.pop("hydra", None)
+    base = _leaves(compose([*groups, *REQUIRED.get(("experiment", path.stem), [])]))
+    same = [k for k, v in _leaves(values).items() if k in base and base[k] == v]
+    assert not same, f"{path.name} restates {same}"
+
+
+def test_train_yaml_holds_no_top_level_defaults() -> None:
+    values = yaml.safe_load((CONF / "train.yaml").read_text())
+    assert set(values) <= {"defaults", "model", "hydra"}
+    assert not set(values) & {f.name for f in dataclasses.fields(RunConfig)}
+
+
+BAD_VALUES = [
+    ("batch_size=0", "batch_size=0"),
+    ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0"),
+    ("optim.lr=-1", "optim.lr=-1"),
+    ("model.dim=0", "model.dim=0"),
+    ("model.n_layers=0", "model.n_layers=0"),
+    ("model.max_len=0", "model.max_len=0"),
+    ("data.vocab_size=3", "data.vocab_size=3"),
+    ("data.valid_fraction=1.5", "data.valid_fraction=1.5"),
+    ("trainer.max_steps=abc", "trainer.max_steps"),
+    ("attn=nope", "mha"),
+    ("attn.windw=3", "attn.windw"),
+    ("model=nope", "tiny"),
+    ("data=text", "data.files"),
+    ("attn=gqa attn.n_kv_heads=3", "n_kv_heads=3"),
+    ("attn=local attn.window=0", "window"),
+    ("-m attn=mha,nope", "nope"),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), BAD_VALUES, ids=[a for a, _ in BAD_VALUES])
+def test_bad_value_is_one_line_and_exit_2(args: str, named: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        check_command_line("train", validate, args.split())
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and named in err, err
+
+
+def test_good_command_line_passes_the_check() -> None:
+    check_command_line("train", validate, ["model=tiny", "attn=local", "attn.window=8"])
+    check_command_line("train", validate, ["-m", "attn=mha,linear", "model=tiny"])
+
+
+def test_train_py_bad_value_exits_2_without_traceback_or_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "model.n_layers=0", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: model.n_layers=0: must be a positive integer")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_train_py_help_lists_groups_and_keys() -> None:
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    for word in ("attn:", "gated_linear", "max_steps", "MINILLM_TRACEBACK"):
+        assert word in proc.stdout

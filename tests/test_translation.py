@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import sacrebleu
 import torch
-import yaml
 from conftest import CONF, compose
 
 from minillm import load_checkpoint
@@ -212,10 +211,9 @@ def write_reverse_task(folder: Path, n_train: int, n_valid: int, seed: int = 0) 
     return folder
 
 
-def test_translation_yaml_keys_are_fields_of_its_dataclass() -> None:
-    values = yaml.safe_load((CONF / "data" / "translation.yaml").read_text())
-    names = [f.name for f in dataclasses.fields(TranslationDataConfig)]
-    assert list(values) == names and names[0] == "task" and values["task"] == "translation"
+def test_translation_option_is_its_dataclass() -> None:
+    data = compose(["data=translation"])["data"]
+    assert data == dataclasses.asdict(TranslationDataConfig()) and data["task"] == "translation"
 
 
 def test_malformed_lines_are_reported_with_file_and_line(tmp_path: Path) -> None:

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from minillm import checks
 from minillm.checkpoint import read_checkpoint
 from minillm.data.base import TrainingDataModule
 from minillm.data.sampler import ResumableBatchSampler
-from minillm.data.sources import DataConfig
+from minillm.data.sources import DataConfig, check_data_options
 from minillm.data.tokenizer import EOS_ID, PAD_ID, check_special_tokens, load_or_train_tokenizer
 
 DEFAULT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -74,6 +75,12 @@ class InstructionsConfig:
     eval_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_data_options(self)
+        checks.integer("data.max_examples", self.max_examples, optional=True)
+        if not self.files:
+            raise ValueError(
+                "data.files is empty: data=instructions needs 'data.files=[chat.jsonl]'"
+            )
         if "{prompt}" not in self.template:
             raise ValueError(f"data.template must contain {{prompt}}; got {self.template!r}")
         for key in ("files", "valid_files"):

@@ -20,6 +20,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from minillm import checks
+
 # `format` key -> the `datasets.load_dataset` builder that reads it ("txt" is read here).
 TABLE_BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}
 
@@ -52,6 +54,20 @@ class DataConfig:
     min_frequency: int = 2
     eval_batch_size: int | None = None
 
+    def __post_init__(self) -> None:
+        check_data_options(self)
+        checks.choice("data.source", self.source, SOURCES)
+        checks.choice("data.format", self.format, ("txt", *TABLE_BUILDERS))
+        checks.choice("data.split_docs", self.split_docs, SPLIT_DOCS)
+        checks.choice("data.encoding_errors", self.encoding_errors, ("strict", "replace"))
+        checks.integer("data.max_docs", self.max_docs, optional=True)
+        if self.source == "text" and not self.files:
+            raise ValueError("data.files is empty: data=text needs 'data.files=[a.txt,docs/*.md]'")
+        if self.source == "hf" and not self.name:
+            raise ValueError(
+                "data.name is not set: data=hf needs data.name=<hub name or save_to_disk folder>"
+            )
+
     @classmethod
     def coerce(cls, cfg: DataConfig | Mapping[str, Any] | None) -> DataConfig:
         """Build from a plain dict (or Hydra DictConfig); unknown keys are an error.
@@ -72,6 +88,23 @@ class DataConfig:
             elif kwargs.get(key) is not None:
                 kwargs[key] = [str(p) for p in kwargs[key]]
         return cls(**kwargs)
+
+
+def check_data_options(cfg: Any) -> None:
+    """Checks shared by every data config: tokenizer settings, validation split, batch."""
+    from minillm.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_KINDS  # it imports this file
+
+    checks.choice("data.tokenizer_kind", cfg.tokenizer_kind, TOKENIZER_KINDS)
+    checks.integer("data.vocab_size", cfg.vocab_size)
+    if cfg.vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"data.vocab_size={cfg.vocab_size}: must be larger than the {len(SPECIAL_TOKENS)} "
+            f"special tokens {' '.join(SPECIAL_TOKENS)} (e.g. data.vocab_size=8192)"
+        )
+    checks.integer("data.min_frequency", cfg.min_frequency)
+    checks.integer("data.eval_batch_size", cfg.eval_batch_size, optional=True)
+    checks.integer("data.seed", cfg.seed, 0)
+    checks.number("data.valid_fraction", cfg.valid_fraction, 0, 1, high_open=True)
 
 
 def load_documents(

@@ -23,10 +23,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
+from minillm import checks
 from minillm.data.base import TrainingDataModule
 from minillm.data.parallel import Pair, read_hf_pairs, read_pairs
 from minillm.data.sampler import ResumableBatchSampler
-from minillm.data.sources import DataConfig
+from minillm.data.sources import DataConfig, check_data_options
 from minillm.data.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -71,6 +72,17 @@ class TranslationDataConfig:
     min_frequency: int = 2
     eval_batch_size: int | None = None
     bleu_samples: int = 200  # validation pairs decoded greedily for val/bleu; 0: off
+
+    def __post_init__(self) -> None:
+        check_data_options(self)
+        checks.choice("data.format", self.format, SPLIT_READERS)
+        checks.choice("data.on_malformed", self.on_malformed, ("skip", "fail"))
+        checks.integer("data.max_examples", self.max_examples, optional=True)
+        checks.integer("data.max_src_len", self.max_src_len, 2, optional=True)
+        checks.integer("data.max_tgt_len", self.max_tgt_len, 2, optional=True)
+        checks.integer("data.bleu_samples", self.bleu_samples, 0)
+        if self.format == "hf" and not self.name:
+            raise ValueError("data.name is not set: data.format=hf needs data.name=<dataset>")
 
     @classmethod
     def coerce(cls, cfg: TranslationDataConfig | Mapping[str, Any]) -> TranslationDataConfig:

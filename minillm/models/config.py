@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
+
+from minillm import checks
+from minillm.attention import build_attention
+
+N_SPECIAL_TOKENS = 4  # <pad> <bos> <eos> <unk> (minillm.data.tokenizer.SPECIAL_TOKENS)
+
 ARCHS = ("decoder", "encoder_decoder")
 
 
@@ -30,10 +37,34 @@ class ModelConfig:
     share_embeddings: bool = True  # one embedding table for source and target
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown model arch {self.arch!r}; choose one of {ARCHS}")
+        checks.choice("model.arch", self.arch, ARCHS)
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_len"):
+            checks.integer(f"model.{key}", getattr(self, key))
+        if self.vocab_size <= N_SPECIAL_TOKENS:
+            raise ValueError(
+                f"model.vocab_size={self.vocab_size}: must be larger than the "
+                f"{N_SPECIAL_TOKENS} special tokens"
+            )
+        checks.integer("model.mlp_hidden", self.mlp_hidden, optional=True)
+        checks.integer("model.n_encoder_layers", self.n_encoder_layers, 0, optional=True)
+        checks.number("model.dropout", self.dropout, 0, 1, high_open=True)
+        checks.number("model.norm_eps", self.norm_eps, 0, low_open=True)
+        checks.number("model.init_std", self.init_std, 0, low_open=True)
         if self.dim % self.n_heads:
-            raise ValueError(f"model dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            raise ValueError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                "choose a dim that is a multiple of n_heads"
+            )
+        self._check_attention()
+
+    def _check_attention(self) -> None:
+        """Build each attention config on the meta device: its own checks run, no memory."""
+        roles = [(self.attn, "causal")]
+        if self.arch == "encoder_decoder":
+            roles += [(self.encoder_attn, "bidirectional"), (self.cross_attn, "cross")]
+        with torch.device("meta"):
+            for attn, role in roles:
+                build_attention(attn, self.dim, self.n_heads, role)
 
     @property
     def hidden(self) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from minillm import checks
+
 
 @dataclass
 class LoggerConfig:
@@ -18,6 +20,10 @@ class LoggerConfig:
     project: str = "minillm"  # wandb project
     name: str | None = None  # wandb run name (default: the run directory's name)
     mode: str = "offline"  # wandb: offline (default), online (after `wandb login`), disabled
+
+    def __post_init__(self) -> None:
+        checks.choice("logger.kind", self.kind, [*LOGGERS, "none"])
+        checks.choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
 class _AppendingWriter(ExperimentWriter):

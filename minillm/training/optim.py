@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +24,55 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     fused: bool | None = None  # None: fused on CUDA and CPU, foreach elsewhere
+
+    def __post_init__(self) -> None:
+        validate(self, "optim", OPTIM_RULES)
+
+
+Rule = tuple[Callable[[Any], bool], str]  # (holds for the value, what would work)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (bools, strings, nan and inf are not)."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+OPTIM_RULES: dict[str, Rule] = {
+    "lr": (lambda v: is_number(v) and v > 0, "must be a positive number"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, "must be a number >= 0"),
+    "beta1": (lambda v: is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "beta2": (lambda v: is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "eps": (lambda v: is_number(v) and v > 0, "must be a positive number"),
+    "warmup_steps": (lambda v: is_int(v) and v >= 0, "must be an integer >= 0"),
+    "min_lr_ratio": (lambda v: is_number(v) and 0 <= v <= 1, "must be in [0, 1]"),
+}
+
+
+def validate(config: Any, group: str, rules: dict[str, Rule], **examples: Any) -> None:
+    """Raise a one-line ``ValueError`` for the first field of ``config`` that breaks its rule.
+
+    The message names the key as it is typed on the command line (``optim.lr=0``) and ends
+    with a value that works: ``examples[name]``, else the field's default.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, (holds, need) in rules.items():
+        value = vars(config)[name]
+        if not holds(value):
+            key, example = f"{group}.{name}", examples.get(name, defaults[name])
+            raise ValueError(f"{key}={as_typed(value)}: {need} (e.g. {key}={as_typed(example)})")
+
+
+def as_typed(value: Any) -> str:
+    """A config value as it is written on the command line (``null``, ``true``, ``0.001``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from minillm import checks
 from minillm.data import LMDataModule
 from minillm.data.instructions import InstructionsDataModule
 from minillm.data.translation import TranslationDataModule
@@ -52,6 +53,13 @@ class RunConfig:
     init_from: str | None = None  # fine-tune: weights + tokenizer of a .ckpt, run dir or export
     init_from_strict: bool = True  # false: load the tensors that match, list the others
     match_params: str | None = None  # a kind: size the MLP to its parameter count (compare)
+
+    def __post_init__(self) -> None:
+        checks.integer("seed", self.seed, 0)
+        checks.integer("batch_size", self.batch_size)
+        checks.integer("num_workers", self.num_workers, 0)
+        checks.number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        checks.choice("on_nan", self.on_nan, ("stop", "skip"))
 
 
 # data.task -> the DataModule that reads that data config. Each takes

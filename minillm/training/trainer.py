@@ -19,7 +19,21 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from minillm.checkpoint import read_checkpoint, write_atomic
+from minillm.training.optim import Rule, is_int, is_number, validate
 from minillm.training.throughput import ThroughputMonitor
+
+# Lightning 2.6's accepted values (lightning.fabric.connector; a test holds them together).
+PRECISIONS = (
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
+PRECISION_ALIASES = ("32", "16", "bf16", "64", 32, 16, 64)  # Lightning warns on 16 and bf16
 
 
 @dataclass
@@ -31,7 +45,7 @@ class TrainerConfig:
     process_group_backend: str | None = None  # None: nccl on GPUs, gloo on CPU processes
     timeout_s: int = 600  # collective timeout: a dead rank ends the run instead of hanging it
     precision: str | None = None  # None: bf16-mixed on CUDA, 32-true elsewhere
-    max_steps: int = 1000
+    max_steps: int = 600
     val_check_interval: int = 200  # training batches between validations
     limit_val_batches: Any = 1.0
     log_every_n_steps: int = 10
@@ -43,6 +57,40 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = 0
     peak_flops: float | None = None  # device peak FLOP/s for MFU when not in the known table
+
+    def __post_init__(self) -> None:
+        validate(self, "trainer", TRAINER_RULES, precision="bf16-mixed")
+
+
+def _positive_int(value: Any) -> bool:
+    return is_int(value) and value > 0
+
+
+def _devices(value: Any) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(is_int(v) and v >= 0 for v in value)
+    return value == "auto" or value == -1 or _positive_int(value)
+
+
+POSITIVE = "must be a positive integer"
+TRAINER_RULES: dict[str, Rule] = {
+    "max_steps": (_positive_int, POSITIVE),
+    "val_check_interval": (_positive_int, POSITIVE),
+    "accumulate_grad_batches": (_positive_int, POSITIVE),
+    "checkpoint_every_n_steps": (_positive_int, POSITIVE),
+    "log_every_n_steps": (_positive_int, POSITIVE),
+    "devices": (_devices, "must be a positive integer, -1 (all), auto, or a list of GPU ids"),
+    "num_nodes": (_positive_int, POSITIVE),
+    "timeout_s": (lambda v: is_number(v) and v > 0, "must be a positive number of seconds"),
+    "gradient_clip_val": (
+        lambda v: v is None or (is_number(v) and v > 0),
+        "must be a positive number, or null for no clipping",
+    ),
+    "precision": (
+        lambda v: v is None or v in PRECISIONS or v in PRECISION_ALIASES,
+        f"must be one of {', '.join(PRECISIONS)}, or null (bf16-mixed on CUDA, else 32-true)",
+    ),
+}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,0 +1,61 @@
+"""The dataclasses registered as Hydra's structured-config schemas: the only place a default
+lives. ``conf/*.yaml`` hold what differs from these defaults, nothing else.
+
+- ``train_schema``: the top level of ``conf/train.yaml`` (``RunConfig``'s keys) with the typed
+  groups ``model`` (ModelConfig), ``trainer``, ``optim``, ``logger``.
+- ``attn/<kind>``: one node per attention registry key, generated from the kind's ``Config``
+  and its registry preset, so a new kind needs no YAML (a YAML only for a further preset).
+- ``data/base_<task>``: the schema of each data task; ``conf/data/*.yaml`` start from one.
+
+Composition then rejects unknown keys and values of the wrong type; ranges are checked by
+the dataclasses' ``__post_init__`` (``minillm.cli.train.validate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from minillm.attention import ATTENTION, attention_config
+from minillm.models import ModelConfig
+from minillm.training import LoggerConfig, OptimConfig, TrainerConfig
+from minillm.training.run import DATA_MODULES, RunConfig
+
+
+@dataclass
+class TrainSchema(RunConfig):
+    """conf/train.yaml: the run's own keys plus one typed node per config group."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attn: Any = None  # an attn/<kind> node (attention_schema)
+    data: Any = None  # a data/<option> node, built on a data/base_<task> schema
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def attention_schema(kind: str) -> type:
+    """A dataclass ``{kind: <key>, **Config fields}`` whose defaults are the registry preset."""
+    cls, resolved = attention_config(kind)
+    hints = typing.get_type_hints(cls.Config)
+    fields = [("kind", str, field(default=kind))]
+    for f in dataclasses.fields(cls.Config):
+        fields.append((f.name, hints[f.name], field(default=getattr(resolved, f.name))))
+    return dataclasses.make_dataclass(f"{kind}_attention", fields)
+
+
+def register() -> None:
+    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainSchema)
+    for kind in ATTENTION:
+        cs.store(group="attn", name=kind, node=attention_schema(kind))
+    for task, module in DATA_MODULES.items():
+        cs.store(group="data", name=f"base_{task}", node=module.Config)
+
+
+register()
