@@ -3,6 +3,7 @@ minillm.load_pretrained loads them without Lightning or Hydra, with identical lo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose, tiny_overrides
+from safetensors import safe_open
 
 from minillm import load_checkpoint, load_pretrained, save_pretrained
-from minillm.checkpoint import CheckpointError
+from minillm.checkpoint import CHECKSUMS, EXPORT_FILES, CheckpointError, tensor_crc32
 from minillm.models import build_model
 from minillm.training.run import train
 
@@ -82,3 +84,18 @@ def test_a_broken_export_is_a_clear_error(trained_ckpt: Path, tmp_path: Path) ->
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=r"model.safetensors.*missing.*export.py"):
         load_pretrained(tmp_path)
+
+
+def test_an_export_records_a_crc32_per_tensor_and_writes_no_temp_files(
+    trained_ckpt: Path, tmp_path: Path
+) -> None:
+    model, tokenizer = load_checkpoint(trained_ckpt)
+    folder = save_pretrained(model, tokenizer, tmp_path / "new" / "export")  # parents made
+    assert sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        sums = json.loads(f.metadata()[CHECKSUMS])
+        stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    assert sums.keys() == model.state_dict().keys()  # the tied head's name too
+    assert {k: tensor_crc32(v) for k, v in stored.items()} == {k: sums[k] for k in stored}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pretrained(model, tokenizer, folder)

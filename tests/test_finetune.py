@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, tiny_overrides
+from conftest import ROOT, compose, tiny_overrides
 
 from minillm import load_checkpoint, save_pretrained
 from minillm.checkpoint import model_state_dict, read_checkpoint
@@ -18,6 +20,7 @@ from minillm.data.instructions import (
     saved_template,
 )
 from minillm.data.tokenizer import EOS_ID
+from minillm.models import ModelConfig
 from minillm.training.finetune import load_initial_weights, read_initial_weights
 from minillm.training.run import train
 
@@ -39,15 +42,26 @@ def other_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def finetune(corpus: Path, init_from: Path, *extra: str) -> list[str]:
-    return compose(tiny_overrides(corpus, "experiment=finetune", f"init_from={init_from}", *extra))
+    """The overrides of a fine-tuning run (``model=tiny`` included: the checkpoint's size)."""
+    return tiny_overrides(corpus, "experiment=finetune", f"init_from={init_from}", *extra)
+
+
+def run(overrides: list[str], run_dir: Path) -> dict:
+    """train() as train.py calls it: with the command-line overrides."""
+    return train(compose(overrides), run_dir, overrides=overrides)
+
+
+def without_model(overrides: list[str]) -> list[str]:
+    """The overrides with the default model=small left in place of model=tiny."""
+    return [o for o in overrides if o != "model=tiny"]
 
 
 def test_finetune_starts_from_the_checkpoint_weights_and_tokenizer(
     pretrained, other_text, tmp_path
 ):
-    cfg = finetune(other_text, pretrained, "trainer.max_steps=1", "data.vocab_size=500")
-    assert cfg["optim"]["lr"] == 1e-4  # the preset's fine-tuning rate
-    summary = train({**cfg, "optim": {**cfg["optim"], "lr": 1e-12}}, tmp_path)
+    overrides = finetune(other_text, pretrained, "trainer.max_steps=1", "data.vocab_size=500")
+    assert compose(overrides)["optim"]["lr"] == 1e-4  # the preset's fine-tuning rate
+    summary = run([*overrides, "optim.lr=1e-12"], tmp_path)
     assert summary["global_step"] == 1 and summary["run_dir"] == str(tmp_path)
     assert (tmp_path / "tokenizer.json").read_text() == (pretrained / "tokenizer.json").read_text()
     before = model_state_dict(read_checkpoint(pretrained / "checkpoints" / "best.ckpt"))
@@ -56,20 +70,52 @@ def test_finetune_starts_from_the_checkpoint_weights_and_tokenizer(
         torch.testing.assert_close(after[name], value, rtol=0, atol=1e-6)
 
 
-def test_architecture_mismatch_names_both_configs(pretrained, other_text, tmp_path) -> None:
+def test_finetune_takes_the_checkpoints_architecture(pretrained, other_text, tmp_path):
+    """The default model (small: dim 192, max_len 128) is not the tiny checkpoint's: its
+    config is taken, training knobs set on the command line are the user's."""
+    overrides = without_model(finetune(other_text, pretrained, "trainer.max_steps=1"))
+    assert compose(overrides)["model"]["dim"] == 192
+    summary = run([*overrides, "model.dropout=0.1", "attn.dropout=0.2"], tmp_path)
+    saved = read_checkpoint(summary["last_ckpt"])["hyper_parameters"]["model"]
+    trained = read_checkpoint(pretrained / "checkpoints" / "best.ckpt")["hyper_parameters"]
+    expected = ModelConfig.from_dict({**trained["model"], "dropout": 0.1}).to_dict()
+    expected["attn"] = {**expected["attn"], "dropout": 0.2}
+    assert ModelConfig.from_dict(saved).to_dict() == expected  # dim 32, max_len 32, mha ...
+
+
+def test_an_explicit_architecture_override_names_the_field(pretrained, other_text, tmp_path):
     with pytest.raises(ValueError) as err:
-        train(finetune(other_text, pretrained, "attn=linear"), tmp_path)
+        run(finetune(other_text, pretrained, "attn=linear"), tmp_path)
     message = str(err.value)
+    assert "\n" not in message
     assert "attn.kind: 'mha' (checkpoint) vs 'linear' (this run)" in message
-    assert "checkpoint: {" in message and "this run:   {" in message
     assert "attn=mha" in message and "init_from_strict=false" in message
-    with pytest.raises(ValueError, match=r"model.dim=32"):
-        train(finetune(other_text, pretrained, "model.dim=64"), tmp_path)
+    with pytest.raises(ValueError, match=r"dim: 32 \(checkpoint\) vs 64 .*model.dim=32"):
+        run(finetune(other_text, pretrained, "model.dim=64"), tmp_path)
+    with pytest.raises(ValueError, match=r"dim: 32 \(checkpoint\) vs 192 \(this run\)"):
+        run([*without_model(finetune(other_text, pretrained)), "model=small"], tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_train_py_finetunes_a_tiny_checkpoint_with_the_default_model(
+    pretrained, other_text, tmp_path
+):
+    """The command line of the README (no model=): the overrides come from Hydra itself."""
+    overrides = without_model(finetune(other_text, pretrained, "trainer.max_steps=1"))
+    cmd = [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'ok'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = read_checkpoint(tmp_path / "ok" / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    assert cfg["model"]["dim"] == 32
+    cmd = [sys.executable, "train.py", *overrides, "attn=linear", f"hydra.run.dir={tmp_path}/x"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "attn.kind: 'mha' (checkpoint) vs 'linear' (this run)" in proc.stderr
 
 
 def test_non_strict_loads_what_matches_and_lists_the_rest(pretrained, other_text, tmp_path):
-    cfg = finetune(other_text, pretrained, "attn=gated_linear", "init_from_strict=false")
-    summary = train({**cfg, "trainer": {**cfg["trainer"], "max_steps": 1}}, tmp_path)
+    overrides = finetune(other_text, pretrained, "attn=gated_linear", "init_from_strict=false")
+    summary = run([*overrides, "trainer.max_steps=1"], tmp_path)
     assert summary["global_step"] == 1
     init = read_initial_weights(str(pretrained))
     model, _ = load_checkpoint(summary["last_ckpt"])
@@ -82,8 +128,8 @@ def test_non_strict_loads_what_matches_and_lists_the_rest(pretrained, other_text
 def test_init_from_an_exported_folder(pretrained, other_text, tmp_path) -> None:
     model, tokenizer = load_checkpoint(pretrained / "checkpoints" / "best.ckpt")
     save_pretrained(model, tokenizer, tmp_path / "exported")
-    cfg = finetune(other_text, tmp_path / "exported", "trainer.max_steps=1")
-    assert train(cfg, tmp_path / "run")["global_step"] == 1
+    overrides = finetune(other_text, tmp_path / "exported", "trainer.max_steps=1")
+    assert run(overrides, tmp_path / "run")["global_step"] == 1
 
 
 def test_finetune_without_init_from_says_what_to_pass(other_text, tmp_path) -> None:
@@ -145,9 +191,12 @@ def test_finetune_on_instructions_keeps_the_template_for_generation(
     pretrained, chat_file, tmp_path
 ) -> None:
     # max_len may differ from the checkpoint's (RoPE): 64 holds a whole record
-    cfg = finetune(chat_file, pretrained, *instructions_overrides(chat_file), "model.max_len=64")
-    summary = train(cfg, tmp_path)
+    overrides = finetune(
+        chat_file, pretrained, *instructions_overrides(chat_file), "model.max_len=64"
+    )
+    summary = run(overrides, tmp_path)
     assert summary["global_step"] == 4
+    assert read_checkpoint(summary["last_ckpt"])["hyper_parameters"]["model"]["max_len"] == 64
     assert saved_template(summary["last_ckpt"]) == DEFAULT_TEMPLATE
     assert format_prompt("Hi?", DEFAULT_TEMPLATE) == "### Instruction:\nHi?\n\n### Response:\n"
     with pytest.raises(ValueError, match="not trained on data=instructions"):

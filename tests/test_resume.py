@@ -54,26 +54,24 @@ def last_losses(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
-def test_kill_9_and_resume_equals_one_uninterrupted_run(corpus_file: Path, tmp_path: Path):
-    overrides = resume_overrides(corpus_file)
-    whole = train(compose(overrides), tmp_path / "whole")
-    assert whole["global_step"] == 2 * N
+def start_and_signal(overrides: list[str], run_dir: Path, signum: int) -> tuple[int, str]:
+    """Run train.py; send ``signum`` once its first last.ckpt (step N) is written.
 
-    run_dir = tmp_path / "crashed"
+    Returns the exit status and the end of its output."""
     last = run_dir / "checkpoints" / "last.ckpt"
     cmd = [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    stderr = proc.communicate()[1].decode()[-2000:]
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr}"
-    assert read_checkpoint(last)["global_step"] == N, "killed too late: raise N"
+    os.kill(proc.pid, signum)
+    out = proc.communicate()[0].decode()[-3000:]
+    return proc.returncode, out
 
-    resumed = train(compose([*overrides, "ckpt_path=last"]), run_dir)
+
+def assert_resume_equals_whole(whole: dict, resumed: dict, whole_dir: Path, run_dir: Path):
     assert resumed["global_step"] == 2 * N
-    a, b = last_losses(tmp_path / "whole"), last_losses(run_dir)
+    a, b = last_losses(whole_dir), last_losses(run_dir)
     # Lightning writes step N-1's row just after its checkpoint: a kill in between loses it.
     assert set(range(2 * N)) - {N - 1} <= set(b)
     for step in range(N, 2 * N):
@@ -83,6 +81,40 @@ def test_kill_9_and_resume_equals_one_uninterrupted_run(corpus_file: Path, tmp_p
     weights_b = model_state_dict(read_checkpoint(resumed["last_ckpt"]))
     for name, value in weights_a.items():
         torch.testing.assert_close(weights_b[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def whole(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted 2N-step run both interrupted runs must end equal to."""
+    summary = train(compose(resume_overrides(corpus_file)), tmp_path_factory.mktemp("whole"))
+    assert summary["global_step"] == 2 * N
+    return summary
+
+
+def test_kill_9_and_resume_equals_one_uninterrupted_run(whole, corpus_file: Path, tmp_path: Path):
+    overrides = resume_overrides(corpus_file)
+    run_dir = tmp_path / "crashed"
+    status, out = start_and_signal(overrides, run_dir, signal.SIGKILL)
+    assert status == -signal.SIGKILL, f"the run ended before it was killed:\n{out}"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == N, "killed too late: raise N"
+    resumed = train(compose([*overrides, "ckpt_path=last"]), run_dir)
+    assert_resume_equals_whole(whole, resumed, Path(whole["run_dir"]), run_dir)
+
+
+def test_sigterm_saves_at_a_step_and_resume_equals_one_uninterrupted_run(
+    whole, corpus_file: Path, tmp_path: Path
+):
+    overrides = resume_overrides(corpus_file)
+    run_dir = tmp_path / "stopped"
+    status, out = start_and_signal(overrides, run_dir, signal.SIGTERM)
+    assert status == 143, f"expected exit status 143 (128 + SIGTERM):\n{out}"
+    assert "stopped by SIGTERM at step" in out and "ckpt_path=last" in out, out
+    stopped_at = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert N <= stopped_at < 2 * N, "stopped too late: raise N"
+    assert f"stopped by SIGTERM at step {stopped_at}:" in out, out  # saved where it stopped
+    resumed = train(compose([*overrides, "ckpt_path=last"]), run_dir)
+    assert_resume_equals_whole(whole, resumed, Path(whole["run_dir"]), run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -38,5 +38,7 @@ def dataclass_groups() -> set[str]:
 @hydra_app("train", validate)
 def main(cfg: DictConfig) -> float:
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    summary = train(plain, HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)  # what the user set (fine-tuning tells them apart)
+    summary = train(plain, hydra_cfg.runtime.output_dir, overrides=overrides)
     return summary["val_ppl"]  # the value a Hydra sweeper would minimise

@@ -1,6 +1,9 @@
 """One training run from a plain-dict config: data -> tokenizer -> model -> fit -> summary.
 
 ``train.py`` composes the config with Hydra and calls ``train``; tests call it directly.
+Nothing is replaced silently: a run directory that holds checkpoints is resumed
+(``ckpt_path``) or explicitly started over (``overwrite=true``), and a resumed or
+fine-tuned run is checked against its checkpoint's config before any data is read.
 """
 
 from __future__ import annotations
@@ -14,21 +17,27 @@ from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
 
 from minillm import checks
+from minillm.checkpoint import check_writable, read_checkpoint
 from minillm.data import LMDataModule
 from minillm.data.instructions import InstructionsDataModule
 from minillm.data.translation import TranslationDataModule
-from minillm.models import ModelConfig, sizing
+from minillm.models import sizing
 from minillm.training.finetune import (
-    check_architecture,
+    InitialWeights,
+    check_resume,
+    describe,
     load_initial_weights,
     read_initial_weights,
+    take_architecture,
 )
 from minillm.training.loggers import LoggerConfig, build_logger
 from minillm.training.module import LMModule
 from minillm.training.optim import OptimConfig
 from minillm.training.run_metrics import RunMetrics, write_run_metrics
+from minillm.training.signals import StopOnSignal, TrainingInterrupted
 from minillm.training.trainer import TrainerConfig, build_trainer
 
 C = TypeVar("C")
@@ -53,6 +62,7 @@ class RunConfig:
     init_from: str | None = None  # fine-tune: weights + tokenizer of a .ckpt, run dir or export
     init_from_strict: bool = True  # false: load the tensors that match, list the others
     match_params: str | None = None  # a kind: size the MLP to its parameter count (compare)
+    overwrite: bool = False  # start over in a run directory that holds checkpoints
 
     def __post_init__(self) -> None:
         checks.integer("seed", self.seed, 0)
@@ -99,38 +109,98 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
-def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    """Fit a model as ``cfg`` says; everything is written under ``run_dir``. Returns a summary."""
+def check_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """A run directory that holds checkpoints is resumed or started over on purpose, never
+    silently replaced; and it must be writable. Runs before anything is read or written."""
+    check_writable(run_dir, "run directory")
+    found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    if found and not ckpt_path and not overwrite:
+        raise FileExistsError(
+            f"run directory {run_dir} already holds checkpoints ({', '.join(found)}); resume "
+            "it with ckpt_path=last, choose another hydra.run.dir, or pass overwrite=true to "
+            "start over in it (its checkpoints and CSV log are deleted)"
+        )
+
+
+def train(
+    cfg: dict[str, Any], run_dir: str | Path, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Fit a model as ``cfg`` says; everything is written under ``run_dir``. Returns a summary.
+
+    ``overrides`` are the command-line overrides ``cfg`` was composed from: with
+    ``init_from`` they say which model fields the user set (``finetune.take_architecture``).
+    None: the running Hydra app's, else none. A SIGTERM/SIGINT during fit saves last.ckpt,
+    prints the summary and raises ``TrainingInterrupted`` (exit status 128 + signal).
+    """
     run_dir = Path(run_dir)
     run = make_config(RunConfig, {k: v for k, v in cfg.items() if k not in GROUPS}, "top-level")
     trainer_cfg = make_config(TrainerConfig, cfg["trainer"], "trainer")
     optim_cfg = make_config(OptimConfig, cfg["optim"], "optim")
     logger_cfg = make_config(LoggerConfig, cfg["logger"], "logger")
+    ckpt_path = resolve_ckpt_path(run.ckpt_path, run_dir)
+    check_run_dir(run_dir, ckpt_path, run.overwrite)
     L.seed_everything(run.seed, workers=True, verbose=False)
+    model_cfg, init = _model_config(cfg, run, overrides)
+    tokenizer = init.tokenizer if init is not None else None  # never retrained
+    if ckpt_path:
+        tokenizer = _resume_tokenizer(ckpt_path, model_cfg, optim_cfg)
+
+    data = _data_module(cfg, run, trainer_cfg, model_cfg["max_len"], tokenizer)
+    data.setup("fit")
+    module = _module(cfg, run, model_cfg, optim_cfg, trainer_cfg, data)
+    if init is not None:
+        for line in load_initial_weights(module.model, init, run.init_from_strict):
+            rank_zero_info(line)
+    stopper = StopOnSignal()
+    logger = build_logger(logger_cfg, run_dir)
+    trainer = build_trainer(
+        trainer_cfg, run_dir, logger, [*data.callbacks(), RunMetrics(), stopper]
+    )
+    if trainer.is_global_zero:
+        _start_writing(run_dir, run.overwrite and not ckpt_path, module.tokenizer_json)
+    _describe_run(module, data)
+    with stopper.handling():
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    summary = _summary(trainer, data, run_dir, validate=stopper.stopped_by is None)
+    if stopper.stopped_by is not None:
+        _interrupted(stopper.stopped_by, summary)
+    return summary
+
+
+def _model_config(
+    cfg: dict[str, Any], run: RunConfig, overrides: list[str] | None
+) -> tuple[dict[str, Any], InitialWeights | None]:
+    """The run's model config (init_from strict: the checkpoint's) and init_from's weights."""
     model_cfg = {**cfg["model"], "attn": cfg["attn"]}
     if run.match_params:
         model_cfg = sizing.match_params(model_cfg, run.match_params)
-    init = read_initial_weights(run.init_from) if run.init_from else None
-    if init is not None and run.init_from_strict:  # before any data is read
-        vocab = {"vocab_size": init.model_cfg.vocab_size}
-        check_architecture(init, ModelConfig.from_dict({**model_cfg, **vocab}))
+    if not run.init_from:
+        return model_cfg, None
+    init = read_initial_weights(run.init_from)
+    if run.init_from_strict:
+        overrides = _command_line_overrides() if overrides is None else overrides
+        model_cfg, taken = take_architecture(init, model_cfg, overrides)
+        if taken:
+            rank_zero_info(f"init_from: the checkpoint's model config is used: {describe(taken)}")
+    return model_cfg, init
 
-    task = cfg["data"].get("task", "lm")
-    if task not in DATA_MODULES:
-        raise ValueError(f"unknown data.task {task!r}; choose one of {sorted(DATA_MODULES)}")
-    data = DATA_MODULES[task](
-        cfg["data"],
-        max_len=cfg["model"]["max_len"],
-        batch_size=run.batch_size,
-        seed=run.seed,
-        num_workers=run.num_workers,
-        cache_dir=run.cache_dir,
-        tokenizer=init.tokenizer if init is not None else None,  # never retrained
-        total_steps=trainer_cfg.max_steps,
-        accumulate=trainer_cfg.accumulate_grad_batches,
-    )
-    data.setup("fit")
-    tokenizer_json = data.tokenizer.to_str()
+
+def _resume_tokenizer(ckpt_path: str, model_cfg: dict[str, Any], optim: OptimConfig) -> Tokenizer:
+    """Check the run's config against the checkpoint's; its tokenizer. The weights are only
+    memory-mapped here: they are read, and their checksums checked, when fit restores them."""
+    ckpt = read_checkpoint(ckpt_path, verify=False, mmap=True)
+    check_resume(ckpt_path, ckpt, model_cfg, dataclasses.asdict(optim))
+    return Tokenizer.from_str(ckpt["tokenizer"])
+
+
+def _module(
+    cfg: dict[str, Any],
+    run: RunConfig,
+    model_cfg: dict[str, Any],
+    optim_cfg: OptimConfig,
+    trainer_cfg: TrainerConfig,
+    data: L.LightningDataModule,
+) -> LMModule:
     module = LMModule(
         model={**model_cfg, "vocab_size": data.vocab_size},
         optim=dataclasses.asdict(optim_cfg),
@@ -141,22 +211,71 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         seed=run.seed,
         data=cfg["data"],
     )
-    module.tokenizer_json = tokenizer_json
-    if init is not None:
-        for line in load_initial_weights(module.model, init, run.init_from_strict):
-            rank_zero_info(line)
-    logger = build_logger(logger_cfg, run_dir)
-    trainer = build_trainer(trainer_cfg, run_dir, logger, [*data.callbacks(), RunMetrics()])
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "tokenizer.json").write_text(tokenizer_json)
+    module.tokenizer_json = data.tokenizer.to_str()
+    return module
+
+
+def _command_line_overrides() -> list[str]:
+    """The running Hydra app's overrides; [] when ``train`` is called from Python."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _data_module(
+    cfg: dict[str, Any],
+    run: RunConfig,
+    trainer_cfg: TrainerConfig,
+    max_len: int,
+    tokenizer: Tokenizer | None,
+) -> L.LightningDataModule:
+    task = cfg["data"].get("task", "lm")
+    if task not in DATA_MODULES:
+        raise ValueError(f"unknown data.task {task!r}; choose one of {sorted(DATA_MODULES)}")
+    return DATA_MODULES[task](
+        cfg["data"],
+        max_len=max_len,
+        batch_size=run.batch_size,
+        seed=run.seed,
+        num_workers=run.num_workers,
+        cache_dir=run.cache_dir,
+        tokenizer=tokenizer,
+        total_steps=trainer_cfg.max_steps,
+        accumulate=trainer_cfg.accumulate_grad_batches,
+    )
+
+
+def _start_writing(run_dir: Path, start_over: bool, tokenizer_json: str) -> None:
+    """Rank 0, just before fit: (overwrite=true) delete the previous run's checkpoints and
+    CSV log, then write the tokenizer."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if start_over:
+        old = [*(run_dir / "checkpoints").glob("*.ckpt"), run_dir / "logs" / "metrics.csv"]
+        old = [p for p in old if p.is_file()]
+        for path in old:
+            path.unlink()
+        if old:
+            names = ", ".join(str(p.relative_to(run_dir)) for p in old)
+            rank_zero_info(f"overwrite=true: deleted the previous run's {names} in {run_dir}")
+    (run_dir / "tokenizer.json").write_text(tokenizer_json)
+
+
+def _describe_run(module: LMModule, data: L.LightningDataModule) -> None:
+    attn = module.model_cfg.attn
     rank_zero_info(
-        f"model: {module.model_cfg.arch}, attn={cfg['attn']['kind']}, "
+        f"model: {module.model_cfg.arch}, attn={attn if isinstance(attn, str) else attn['kind']}, "
         f"{module.model.num_params() / 1e6:.2f}M parameters; "
         f"data: {data.num_train_tokens / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
     )
-    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(run.ckpt_path, run_dir))
-    return _summary(trainer, data, run_dir)
+
+
+def _interrupted(signum: int, summary: dict[str, Any]) -> None:
+    stop = TrainingInterrupted(signum, summary)
+    rank_zero_info(
+        f"{stop}: {summary['last_ckpt']} holds it. Resume with the same command plus "
+        f"ckpt_path=last hydra.run.dir={summary['run_dir']}"
+    )
+    raise stop
 
 
 def _validate_final_model(trainer: L.Trainer, data: L.LightningDataModule) -> None:
@@ -173,8 +292,11 @@ def _validate_final_model(trainer: L.Trainer, data: L.LightningDataModule) -> No
         best.best_model_path, best.best_model_score = str(path), score
 
 
-def _summary(trainer: L.Trainer, data: L.LightningDataModule, run_dir: Path) -> dict[str, Any]:
-    _validate_final_model(trainer, data)
+def _summary(
+    trainer: L.Trainer, data: L.LightningDataModule, run_dir: Path, validate: bool = True
+) -> dict[str, Any]:
+    if validate:  # not after a signal: the user wants the process to end
+        _validate_final_model(trainer, data)
     ppl = trainer.callback_metrics.get("val/ppl")
     summary = {
         "run_dir": str(run_dir),
