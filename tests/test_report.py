@@ -1,16 +1,14 @@
 """The attention comparison: matched parameters in experiment=compare, metrics.json, and the
-report (table + charts) that one sweep command writes and scripts/report.py rewrites."""
+report (table + charts) that one sweep command writes and the report command rewrites."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,8 @@ import torch
 from conftest import ROOT, compose
 
 from minillm.attention import ATTENTION
+from minillm.cli import report as report_cli
+from minillm.cli.app import compose as compose_command
 from minillm.evaluation.report import read_log
 from minillm.models import build_model
 from minillm.models.sizing import match_params
@@ -115,14 +115,7 @@ def test_sweep_writes_the_table_and_charts(sweep: Path) -> None:
         assert (sweep / chart).read_bytes()[:4] == b"\x89PNG" and f"]({chart})" in report
 
 
-def load_cli() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("report_cli", ROOT / "scripts/report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_report_script_adds_the_step_time_chart_from_bench_attention(sweep: Path, tmp_path):
+def test_report_command_adds_the_step_time_chart_from_bench_attention(sweep: Path, tmp_path):
     bench = [sys.executable, "scripts/bench_attention.py", "--kinds", "mha,linear"]
     bench += ["--lengths", "16,32", "--repeats", "1", "--heads", "2", "--head-dim", "8"]
     bench += ["--out", str(tmp_path)]
@@ -130,8 +123,10 @@ def test_report_script_adds_the_step_time_chart_from_bench_attention(sweep: Path
     proc = subprocess.run(bench, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep / "report.md").unlink()
-    load_cli().main([str(sweep), "--contexts", "4,8", "--new-tokens", "2"]
-                    + ["--bench", str(tmp_path / "attention.json")])  # fmt: skip
-    report = (sweep / "report.md").read_text()
+    argv = [f"sweep={sweep}", "contexts=[4,8]", "new_tokens=2", "device=cpu"]
+    argv.append(f"bench={tmp_path / 'attention.json'}")
+    path = report_cli.report(report_cli.validate(compose_command("report", argv)))
+    assert path == sweep / "report.md"
+    report = path.read_text()
     assert "decode tok/s @4" in report and "](train_step_time.png)" in report
     assert (sweep / "train_step_time.png").read_bytes()[:4] == b"\x89PNG"

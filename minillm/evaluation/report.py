@@ -259,6 +259,6 @@ class SweepReport(Callback):
                 root, contexts=self.contexts, new_tokens=self.new_tokens, bench=self.bench
             )
         except Exception as err:  # the runs are done and kept: say how to retry
-            log.error("report failed (%r); retry: python scripts/report.py %s", err, root)
+            log.error("report failed (%r); retry: python scripts/report.py sweep=%s", err, root)
             return
         log.info("report: %s", path)
