@@ -245,6 +245,18 @@ def save_pretrained(
     return out
 
 
+def write_export_folder(
+    out_dir: str | os.PathLike, writers: dict[str, Callable[[Path], Any]], overwrite: bool = False
+) -> Path:
+    """Write an export folder as ``save_pretrained`` does, for other layouts (``minillm.hf``):
+    ``writers[name](temp path)`` writes each file; ``out_dir`` new or empty unless
+    ``overwrite``, and every file renamed into place only once all are written."""
+    out = Path(out_dir)
+    _check_export_folder(out, overwrite)
+    _write_files(out, writers)
+    return out
+
+
 def _check_export_folder(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"export folder {folder} is a file; choose a folder path")

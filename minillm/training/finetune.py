@@ -1,8 +1,10 @@
 """Runs that start from a checkpoint: fine-tuning (``init_from``) and resuming (``ckpt_path``).
 
-``init_from`` names a ``.ckpt`` file, a run directory (its best.ckpt, else last.ckpt) or an
-exported folder (``scripts/export.py``). The tokenizer comes from there and is never
-retrained; the optimizer, schedule and step start fresh in a new run directory.
+``init_from`` names a ``.ckpt`` file, a run directory (its best.ckpt, else last.ckpt), an
+exported folder (``scripts/export.py``) or ``hf:<dir>``, a Hugging Face Llama-family folder
+(``minillm.hf``). The tokenizer comes from there and is never retrained; it must be one the
+data code can use (``check_tokenizer``). The optimizer, schedule and step start fresh in a
+new run directory.
 
 Fine-tuning takes the checkpoint's model config (``take_architecture``): every model and
 attention field is the checkpoint's unless the command line sets it. Setting an
@@ -30,6 +32,8 @@ from torch import Tensor, nn
 
 from minillm.attention import attention_config
 from minillm.checkpoint import CheckpointError, load_pretrained
+from minillm.data.tokenizer import SPECIAL_TOKENS
+from minillm.hf import hf_folder, is_hf, load_hf
 from minillm.models import ModelConfig
 
 # Keys (in the model or any attention config) that may differ between the checkpoint and
@@ -57,7 +61,10 @@ class InitialWeights:
 
 
 def resolve_init_path(init_from: str) -> Path:
-    """A file as is; an exported folder as is; a run directory -> best.ckpt, else last.ckpt."""
+    """A file as is; an exported folder as is; a run directory -> best.ckpt, else last.ckpt;
+    ``hf:<dir>`` -> that folder (it must hold a config.json)."""
+    if is_hf(init_from):
+        return hf_folder(init_from)
     path = Path(init_from).expanduser()
     if path.is_dir() and not (path / "model.safetensors").is_file():
         found = [path / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")]
@@ -71,15 +78,40 @@ def resolve_init_path(init_from: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"init_from={init_from}: no such file or directory; pass init_from=<a .ckpt "
-            "file, a run directory or an exported folder>"
+            "file, a run directory, an exported folder or hf:<Hugging Face folder>>"
         )
     return path
 
 
 def read_initial_weights(init_from: str) -> InitialWeights:
     path = resolve_init_path(init_from)
-    model, tokenizer = load_pretrained(path)  # checksums verified
+    model, tokenizer = (load_hf if is_hf(init_from) else load_pretrained)(path)  # crc32 checked
+    check_tokenizer(init_from, model.cfg, tokenizer)
     return InitialWeights(path, model.cfg, model.state_dict(), tokenizer)
+
+
+def check_tokenizer(init_from: str, cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    """Refuse, before any data is read, a tokenizer the data code cannot train with.
+
+    The data code assumes SPECIAL_TOKENS at ids 0-3 (``PAD_ID`` .. ``UNK_ID`` are constants)
+    and sizes the model's vocabulary from the tokenizer, so a Hugging Face tokenizer with its
+    own special tokens (Llama's ``<unk> <s> </s>`` at 0-2) or fewer tokens than embedding rows
+    cannot fine-tune yet; generating from such a model and exporting it work.
+    """
+    found = [tokenizer.id_to_token(i) for i in range(len(SPECIAL_TOKENS))]
+    usable = "; such a model can be generated from and exported, not yet fine-tuned"
+    if found != SPECIAL_TOKENS:
+        raise ValueError(
+            f"init_from={init_from}: fine-tuning needs {' '.join(SPECIAL_TOKENS)} at token ids "
+            f"0-{len(SPECIAL_TOKENS) - 1} (minillm's data code uses those fixed ids), but this "
+            f"tokenizer has {' '.join(map(str, found))} there{usable}"
+        )
+    if tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise ValueError(
+            f"init_from={init_from}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the "
+            f"model {cfg.vocab_size} embedding rows, and minillm sizes the model from its "
+            f"tokenizer{usable}"
+        )
 
 
 def architecture(cfg: ModelConfig, ignore: tuple[str, ...] = TRAINING_ONLY) -> dict[str, Any]:
