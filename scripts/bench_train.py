@@ -14,8 +14,13 @@ vocab 8192 (the default tokenizer's), fp32 on CPU, bf16 on CUDA. Contenders, all
   consecutive ``on_train_batch_end`` hooks, so every cost of a step is inside the interval.
 - ``bare``: the same model and AdamW (same param groups, fused on CPU and CUDA) in a
   hand-written loop: forward, loss, backward, clip, step, LR schedule, zero_grad. The floor.
-- ``hf``: ``transformers`` ``GPT2LMHeadModel`` (SDPA) at the same dims in that loop (optional).
-- ``bare[kind]`` at (b): the bare loop for every kind of ``minillm.attention.ATTENTION``.
+  Its loss is ``LMModule``'s: ``hidden_states`` -> ``linear_cross_entropy`` (the LM head and
+  cross-entropy fused by chunks of rows), so minillm / bare is the framework's overhead alone.
+- ``bare-ce``: the bare loop with the textbook loss, ``F.cross_entropy`` over the full
+  (B, T, vocab) logits: what the fused loss gains (or costs) on this machine.
+- ``hf``: ``transformers`` ``GPT2LMHeadModel`` (SDPA) at the same dims in the bare loop, with
+  ``F.cross_entropy`` over its logits (its own loss path; optional).
+- ``bare[kind]`` at (b): the bare loop (fused loss) for every kind of ``minillm.attention``.
 
 Interleaving: the minillm fit drives the rounds. Its callback, after every ``--steps`` timed
 steps, runs ``--steps`` steps of each other contender (order rotated per round), then the
@@ -60,6 +65,7 @@ from minillm.attention import ATTENTION
 from minillm.data import LMDataModule
 from minillm.models import build_model
 from minillm.models.flops import train_flops_per_token
+from minillm.models.linear_cross_entropy import linear_cross_entropy
 from minillm.training import LMModule, LoggerConfig, TrainerConfig, build_logger, build_trainer
 from minillm.training.optim import OptimConfig, warmup_cosine
 
@@ -120,8 +126,25 @@ def adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     )
 
 
+def fused_loss(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
+    """Mean token loss as ``LMModule`` computes it: pre-head states -> fused head + loss."""
+    hidden = model.hidden_states(block[:, :-1])  # (B, T, dim)
+    labels = block[:, 1:].flatten()
+    return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, labels) / len(labels)
+
+
+def logits_loss(logits_of: Callable) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """Mean token loss by ``F.cross_entropy`` over the full fp32 logits ``logits_of`` gives."""
+
+    def loss(model: nn.Module, block: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(model, block[:, :-1])  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten())
+
+    return loss
+
+
 def loop_step(
-    model: nn.Module, shape: Shape, device: torch.device, total_steps: int, logits_of: Callable
+    model: nn.Module, shape: Shape, device: torch.device, total_steps: int, loss_of: Callable
 ) -> Callable[[], None]:
     """One hand-written training step per call over a few resident random batches."""
     cfg = OptimConfig()
@@ -137,8 +160,7 @@ def loop_step(
         block = blocks[state["i"] % len(blocks)]
         state["i"] += 1
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = logits_of(model, block[:, :-1])  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten())
+            loss = loss_of(model, block)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -262,19 +284,21 @@ def e2e_probe(shape: Shape, steps: int, runs: int, out: Path) -> Callable[[], fl
 def contenders(
     name: str, shape: Shape, args: argparse.Namespace, total: int
 ) -> tuple[dict[str, Callable[[], None]], dict[str, nn.Module]]:
-    """The bare loop, bare[kind] for every kind (at ``--kinds-at``) and HF GPT-2."""
+    """The bare loop (fused loss and plain), bare[kind] for every kind (at ``--kinds-at``)
+    and HF GPT-2."""
     device = torch.device(args.device)
     steps: dict[str, Callable[[], None]] = {}
     models: dict[str, nn.Module] = {}
     kinds = list(ATTENTION) if args.kinds == "all" else args.kinds.split(",")
-    labels = [("bare", "mha")]
+    plain = logits_loss(lambda m, x: m(x))
+    labels = [("bare", "mha", fused_loss), ("bare-ce", "mha", plain)]
     if name in args.kinds_at.split(","):
-        labels += [(f"bare[{k}]", k) for k in kinds if k != "mha"]
-    for label, kind in labels:
+        labels += [(f"bare[{k}]", k, fused_loss) for k in kinds if k != "mha"]
+    for label, kind, loss_of in labels:
         try:
             torch.manual_seed(0)
             models[label] = build_model(shape.model(kind)).to(device)
-            steps[label] = loop_step(models[label], shape, device, total, lambda m, x: m(x))
+            steps[label] = loop_step(models[label], shape, device, total, loss_of)
         except Exception as err:  # a kind still being written
             print(f"  {label} failed to build: {err}", file=sys.stderr)
     if not args.no_hf:
@@ -283,8 +307,8 @@ def contenders(
         except ImportError:
             print("  hf skipped: transformers is not installed (pip install transformers)")
         else:
-            logits = lambda m, x: m(input_ids=x).logits
-            steps["hf"] = loop_step(models["hf"], shape, device, total, logits)
+            hf_loss = logits_loss(lambda m, x: m(input_ids=x).logits)
+            steps["hf"] = loop_step(models["hf"], shape, device, total, hf_loss)
     return steps, models
 
 
@@ -294,9 +318,8 @@ def fit_minillm(
     """A real fit of ``total`` steps as train.py builds it, on random token blocks."""
     torch.manual_seed(0)
     module = LMModule(model=shape.model("mha"), optim={}, total_steps=total)
-    data = LMDataModule(
-        {"source": "text"}, max_len=shape.context, batch_size=shape.batch, total_steps=total
-    )
+    source = {"source": "text", "files": ["never-read.txt"]}  # the blocks are set below
+    data = LMDataModule(source, max_len=shape.context, batch_size=shape.batch, total_steps=total)
     rng = np.random.default_rng(0)  # blocks as setup() leaves them: (n, context + 1) int32
     blocks = rng.integers(0, shape.vocab, (shape.batch * total, shape.context + 1))
     data.train_blocks = blocks.astype(np.int32)

@@ -48,7 +48,9 @@ def test_ddp_sim_matches_one_process_with_the_same_global_batch(corpus_file: Pat
     weights_a = model_state_dict(read_checkpoint(single["last_ckpt"]))
     weights_b = model_state_dict(read_checkpoint(ddp_dir / "checkpoints" / "last.ckpt"))
     for name, value in weights_a.items():
-        torch.testing.assert_close(weights_b[name], value, rtol=1e-4, atol=1e-5)
+        # atol 1e-4: the fused loss sums the two halves' gradients in another order, and Adam's
+        # normalisation magnifies that rounding in near-zero gradients (max seen 1.4e-5)
+        torch.testing.assert_close(weights_b[name], value, rtol=1e-4, atol=1e-4)
 
 
 def rank_1(parent: int) -> int | None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}  # logits per chunk: ~L3 on CPU; big on GPU
+MIN_CHUNK_ROWS = 256
 
 
 def linear_cross_entropy(
@@ -33,7 +34,9 @@ def linear_cross_entropy(
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS.get(device, 1 << 21) // weight.shape[0])
+        # >= 256 rows: each chunk re-reads and re-writes the (V, D) weight gradient, so tiny
+        # chunks (41 rows at V = 50257 on CPU) made the fused loss slower than plain CE
+        chunk_rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS.get(device, 1 << 21) // weight.shape[0])
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     args = (labels, ignore_index, label_smoothing, chunk_rows, dtype or hidden.dtype, grad)
     with torch.autocast(device, enabled=False):
@@ -87,4 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is None:
             raise RuntimeError("linear_cross_entropy ran without gradients; call it with grad on")
-        return grad_h * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), *[None] * 6
+        # scaled in place: a copy of grad_w (V, D) was the step's memory peak. The graph runs
+        # backward once (no retain_graph in training), so the stored gradients are not reused.
+        grad_h.mul_(grad_loss)
+        return grad_h, grad_w.mul_(grad_loss).to(ctx.weight_dtype), *[None] * 6
