@@ -6,6 +6,7 @@ new kind is covered as soon as it is registered) so that short sequences cross t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -17,10 +18,9 @@ from torch import Tensor, nn
 from minillm.attention import (
     ATTENTION,
     ROLES,
-    KVCache,
-    RecurrentState,
-    RollingKVCache,
+    Cache,
     build_attention,
+    fixed_shape_decoding,
     kinds_for_role,
 )
 from minillm.attention.reference import REFERENCES
@@ -136,17 +136,21 @@ def test_causality(kind: str) -> None:
             assert not torch.allclose(y2[:, t + 1 :], y[:, t + 1 :])
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["eager", "fixed_shape"])
 @pytest.mark.parametrize("pieces", [(12,), (5, 12)], ids=["prefill", "chunked_prefill"])
 @pytest.mark.parametrize("kind, role", DECODING)
-def test_prefill_then_decode_equals_full_forward(kind: str, role: str, pieces: tuple) -> None:
+def test_prefill_then_decode_equals_full_forward(
+    kind: str, role: str, pieces: tuple, fixed: bool
+) -> None:
     """Prefill (longer than a local window; or in 2 pieces) then one token at a time, left-padded
-    rows included, gives the full forward's outputs. Cross: the source is read only once."""
+    rows included, gives the full forward's outputs, reading the caches eagerly (sliced) or
+    with fixed shapes (whole buffers, masked). Cross: the source is read only once."""
     attn = make(kind, role).eval()
     t = 21
     inp = inputs(role, 3, t, pads=(0, 3, 6))
     x, pos, memory, mask = inp["x"], inp["positions"], inp["memory"], inp["mask"]
     cache = attn.init_cache(3, t if role == "causal" else memory.shape[1], "cpu", torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), fixed_shape_decoding() if fixed else contextlib.nullcontext():
         full = attn(x, positions=pos, memory=memory, mask=mask)
         bounds = [0, *pieces, *range(pieces[-1] + 1, t + 1)]
         outs = []
@@ -161,25 +165,89 @@ def test_prefill_then_decode_equals_full_forward(kind: str, role: str, pieces: t
 
 @pytest.mark.parametrize("kind", CAUSAL)
 def test_cache_memory(kind: str) -> None:
-    """KV caches grow with max_len; rolling ones hold the window, recurrent ones a fixed state;
-    no cache ever grows with the tokens written."""
+    """Caches with a capacity grow with max_len; the others (rolling, recurrent) do not, and a
+    window cache grows with its window only; no cache ever grows with the tokens written."""
     attn = make(kind, "causal").eval()
     small = attn.init_cache(2, 64, "cpu", torch.float32)
     cache = attn.init_cache(2, 1024, "cpu", torch.float32)
+    assert isinstance(cache, Cache)
     before = cache.nbytes
-    if isinstance(cache, KVCache):
-        assert before > 10 * small.nbytes
+    if cache.capacity is not None:
+        assert cache.capacity == 1024 and before > 10 * small.nbytes
     else:
         assert before == small.nbytes
-        assert isinstance(cache, RollingKVCache | RecurrentState)
-    if isinstance(cache, RollingKVCache):
-        assert cache.k.shape[2] == SMALL == attn.cfg.window
+    if "window" in _fields(type(attn)):
+        wide = make(kind, "causal", window=2 * SMALL).init_cache(2, 1024, "cpu", torch.float32)
+        assert wide.nbytes == 2 * before
     inp = inputs("causal", 2, 40)
     with torch.no_grad():
         attn(**inp, cache=cache)
         for _ in range(3):
             attn(inp["x"][:, :1], positions=inp["positions"][:, :1] + 40, cache=cache)
-    assert cache.nbytes == before
+    assert cache.nbytes == before and cache.length == 43
+
+
+@pytest.mark.parametrize("kind", [k for k in CAUSAL if "n_kv_heads" in _fields(ATTENTION[k][0])])
+def test_kv_cache_holds_only_kv_heads(kind: str) -> None:
+    full = make(kind, "causal", n_kv_heads=HEADS).init_cache(1, 64, "cpu", torch.float32)
+    single = make(kind, "causal", n_kv_heads=1).init_cache(1, 64, "cpu", torch.float32)
+    assert full.nbytes - single.nbytes > (HEADS - 1) * 0.9 * full.nbytes / HEADS
+
+
+@pytest.mark.parametrize("kind, role", DECODING)
+def test_reorder_moves_rows_in_place_and_expands(kind: str, role: str) -> None:
+    """After reorder(rows), row i decodes as old row rows[i] did; same-size reorders keep the
+    buffers' addresses (a compiled step keeps its inputs), expansions grow the batch."""
+    attn = make(kind, role).eval()
+    inp = inputs(role, 3, 9, pads=(0, 2, 4))
+    s = 11 if role == "cross" else 12
+    caches = [attn.init_cache(3, s, "cpu", torch.float32) for _ in range(2)]
+    x1 = torch.randn(3, 1, DIM)
+    pos1 = inp["positions"][:, -1:] + 1
+    with torch.no_grad():
+        for c in caches:
+            attn(**inp, cache=c)
+        expect = attn(x1, positions=pos1, cache=caches[0], memory=None)  # (3, 1, dim)
+        rows = torch.tensor([2, 0, 1])
+        caches[1].reorder(rows)
+        got = attn(x1[rows], positions=pos1[rows], cache=caches[1], memory=None)
+        torch.testing.assert_close(got, expect[rows], rtol=1e-5, atol=1e-5)
+        before = caches[1].nbytes
+        caches[1].reorder(torch.tensor([1, 1, 0, 2, 2]))  # rows continue old 0, 0, 2, 1, 1
+        assert caches[1].nbytes > before
+        x2, pos2, old = torch.randn(3, 1, DIM), pos1 + 1, [0, 0, 2, 1, 1]
+        expect = attn(x2, positions=pos2, cache=caches[0])
+        got = attn(x2[old], positions=pos2[old], cache=caches[1])
+        torch.testing.assert_close(got, expect[old], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("one_token_steps", [False, True], ids=["verify_step", "draft_steps"])
+@pytest.mark.parametrize("kind", CAUSAL)
+def test_rollback_forgets_exactly_the_rejected_tokens(kind: str, one_token_steps: bool) -> None:
+    """Write k + 1 tokens (one step, as a target verifies; or one at a time, as a draft
+    proposes), roll back n, re-feed what the cache says it also lost, continue: the outputs
+    equal a cache that only ever saw the kept tokens. Prefill runs past a local window."""
+    attn, k = make(kind, "causal").eval(), 3
+    inp = inputs("causal", 2, 24, pads=(0, 3))
+    x, pos, mask = inp["x"], inp["positions"], inp["mask"]
+    for n in range(k + 1):
+        kept = 12 + k + 1 - n  # tokens the cache should hold after the rollback
+        caches = [attn.init_cache(2, 24, "cpu", torch.float32, lookahead=k) for _ in range(2)]
+        with torch.no_grad():
+            for c in caches:
+                attn(x[:, :12], positions=pos[:, :12], mask=mask[:, :12], cache=c)
+            steps = [(12, 16)] if not one_token_steps else [(i, i + 1) for i in range(12, 16)]
+            for lo, hi in steps:
+                attn(x[:, lo:hi], positions=pos[:, lo:hi], cache=caches[0])
+            extra = caches[0].rollback(n)
+            assert extra >= n and caches[0].length == 16 - extra
+            if extra > n:  # a recurrent state went back to its saved point: re-feed
+                lo = 16 - extra
+                attn(x[:, lo:kept], positions=pos[:, lo:kept], cache=caches[0])
+            attn(x[:, 12:kept], positions=pos[:, 12:kept], cache=caches[1])
+            ys = [attn(x[:, kept:], positions=pos[:, kept:], cache=c) for c in caches]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+        assert caches[0].length == caches[1].length == 24
 
 
 @pytest.mark.parametrize("kind", CHUNKED)

@@ -12,14 +12,15 @@ from types import SimpleNamespace
 import pytest
 import sacrebleu
 import torch
-from conftest import CONF, compose
+from conftest import compose
 
 from minillm import load_checkpoint
 from minillm.attention import ATTENTION, RecurrentState, kinds_for_role
+from minillm.cli.generate import GenerateConfig, run
 from minillm.data.translation import TranslationDataConfig, TranslationDataModule
 from minillm.evaluation.bleu import run_bleu
-from minillm.generation.beam import DecodeState, beam_search
-from minillm.generation.seq2seq import greedy_search, pad_right, translate
+from minillm.generation import GenerationConfig, generate_scored
+from minillm.generation.seq2seq import pad_right, translate
 from minillm.models import build_model
 from minillm.training import LMModule, TrainerConfig, build_trainer
 from minillm.training.run import train
@@ -124,41 +125,53 @@ def test_extra_source_padding_does_not_change_decoder_outputs(encoder: str, cros
 DECODE_CASES = [(a, "mha") for a in sorted(ATTENTION)] + [("mha", c) for c in CROSS if c != "mha"]
 
 
+def translate_ids(model, src_ids, src_mask, **options) -> tuple[list, list]:
+    """Token rows and scores of the one generation loop, decoder starting from <bos> (1)."""
+    srcs = [row[mask].tolist() for row, mask in zip(src_ids, src_mask, strict=True)]
+    cfg = GenerationConfig(**{"temperature": 0, **options})
+    return generate_scored(model, [[1]] * len(srcs), cfg, sources=srcs, eos_id=2)
+
+
 @pytest.mark.parametrize(("attn", "cross"), DECODE_CASES, ids=[f"{a}-{c}" for a, c in DECODE_CASES])
 def test_cached_beam_search_equals_uncached_and_one_beam_equals_greedy(attn: str, cross: str):
     model = model_for(attn=attn, cross=cross).eval()
     src_ids, src_mask = sources()
     opts = {"max_new_tokens": 10, "num_beams": 3, "length_penalty": 0.8}
-    cached = beam_search(model, src_ids, src_mask, **opts)
-    assert cached == beam_search(model, src_ids, src_mask, **opts, use_cache=False)
-    greedy = greedy_search(model, src_ids, src_mask, max_new_tokens=10)
-    assert greedy == greedy_search(model, src_ids, src_mask, max_new_tokens=10, use_cache=False)
-    assert beam_search(model, src_ids, src_mask, max_new_tokens=10, num_beams=1) == greedy
+    cached = translate_ids(model, src_ids, src_mask, **opts)[0]
+    assert cached == translate_ids(model, src_ids, src_mask, **opts, use_cache=False)[0]
+    greedy = translate_ids(model, src_ids, src_mask, max_new_tokens=10)[0]
+    assert greedy == translate_ids(model, src_ids, src_mask, max_new_tokens=10, use_cache=False)[0]
+    assert translate_ids(model, src_ids, src_mask, max_new_tokens=10, num_beams=1)[0] == greedy
 
 
 @pytest.mark.parametrize("cross", CROSS)
 def test_cross_caches_are_filled_once_then_memory_is_never_read(cross: str) -> None:
+    """``start`` encodes once and fills the cross caches; the state keeps no memory, and rows
+    expanded from one source (samples, beams) share its cross caches."""
     model = model_for(cross=cross).eval()
     src_ids, src_mask = sources()
-    state = DecodeState(model, src_ids, src_mask, 2, max_new_tokens=4)  # 2 rows per source
-    history = torch.ones(6, 1, dtype=torch.long)
+    bos = torch.ones(3, 1, dtype=torch.long)
     with torch.no_grad():
-        first = state.logits(history)  # (6, V): fills the cross caches
-        memory, state.memory = state.memory, None  # later steps must not need it
-        history = torch.cat((history, first.argmax(-1, keepdim=True)), dim=1)
-        second = state.logits(history)
-        full = model.decode(history, memory, memory_mask=state.memory_mask)[:, -1]
+        first, state = model.start(bos, src_ids=src_ids, src_mask=src_mask, max_new_tokens=4)
+        assert state.memory is None and state.memory_mask is None
+        state.reorder(torch.arange(3).repeat_interleave(2))  # 2 rows per source
+        history = torch.cat((bos, first.argmax(-1, keepdim=True)), 1).repeat_interleave(2, 0)
+        second = model.step(history[:, 1:], state)[:, -1]  # (6, V)
+        memory = model.encode(src_ids, src_mask).repeat_interleave(2, 0)
+        mask = src_mask.repeat_interleave(2, 0)
+        full = model.decode(history, memory, memory_mask=mask)[:, -1]
     torch.testing.assert_close(second, full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(first[0::2], first[1::2])  # beams of a source share memory
+    torch.testing.assert_close(second[0::2], second[1::2])  # rows of a source share memory
 
 
 def test_a_batched_source_decodes_as_it_would_alone() -> None:
     model = model_for().eval()
     src_ids, src_mask = sources()
-    batched = beam_search(model, src_ids, src_mask, num_beams=3, max_new_tokens=8)
+    batched = translate_ids(model, src_ids, src_mask, num_beams=3, max_new_tokens=8)[0]
     for row in range(3):
         alone = src_ids[row : row + 1, : int(src_mask[row].sum())]
-        assert beam_search(model, alone, num_beams=3, max_new_tokens=8) == batched[row : row + 1]
+        mask = torch.ones_like(alone, dtype=torch.bool)
+        assert translate_ids(model, alone, mask, num_beams=3, max_new_tokens=8)[0] == [batched[row]]
 
 
 def test_beam_search_scores_at_least_as_high_as_greedy() -> None:
@@ -173,10 +186,11 @@ def test_beam_search_scores_at_least_as_high_as_greedy() -> None:
         return float(logp[0].gather(1, ids[0, 1:, None]).sum())
 
     opts = {"max_new_tokens": 12, "length_penalty": 0.0, "early_stopping": False}
-    beam = beam_search(model, src_ids, src_mask, num_beams=6, **opts)[0]
-    greedy = greedy_search(model, src_ids, src_mask, max_new_tokens=12)[0]
+    (beam,), (score,) = translate_ids(model, src_ids, src_mask, num_beams=6, **opts)
+    greedy = translate_ids(model, src_ids, src_mask, max_new_tokens=12)[0][0]
     if len(beam) < 12 and len(greedy) < 12:  # both ended with EOS: comparable sequences
         with torch.no_grad():
+            assert logprob(beam) == pytest.approx(score, abs=1e-4)  # length_penalty 0
             assert logprob(beam) >= logprob(greedy) - 1e-5
 
 
@@ -371,19 +385,7 @@ def test_a_tiny_reversal_task_is_learned_to_bleu_90(tmp_path: Path, capsys) -> N
     out = capsys.readouterr().out
     assert "BLEU = " in out and "chrF2 = " in out and "tok:13a" in out
     # the generation CLI translates with the same checkpoint
-    cli = _load_script("generate")
     pair = pairs[0]
-    (text,) = cli.main([f"ckpt={ckpt}", f"prompt={pair['src']}", "num_beams=3"])
-    assert text == pair["tgt"]
+    (out,) = run(GenerateConfig(ckpt=str(ckpt), prompt=pair["src"], num_beams=3))
+    assert out.text == pair["tgt"]
     assert capsys.readouterr().out.strip() == pair["tgt"]
-
-
-def _load_script(name: str):
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(name, CONF.parent / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module

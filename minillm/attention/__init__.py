@@ -10,7 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from minillm.attention.base import ROLES, Attention
-from minillm.attention.cache import KVCache, RecurrentState, RollingKVCache
+from minillm.attention.cache import (
+    Cache,
+    KVCache,
+    RecurrentState,
+    RollingKVCache,
+    fixed_shape_decoding,
+)
 from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.linear import LinearAttention
 from minillm.attention.local import LocalAttention
@@ -30,11 +36,13 @@ __all__ = [
     "ATTENTION",
     "ROLES",
     "Attention",
+    "Cache",
     "KVCache",
     "RecurrentState",
     "RollingKVCache",
     "attention_config",
     "build_attention",
+    "fixed_shape_decoding",
     "kinds_for_role",
 ]
 

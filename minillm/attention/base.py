@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from minillm.attention.cache import Cache
+
 ROLES = ("causal", "bidirectional", "cross")
 
 
@@ -28,8 +30,12 @@ class Attention(nn.Module):
     - ``positions`` (B, T) long, absolute position of each query token (left-padded rows start
       counting at their first real token). Kinds without positional encoding ignore it.
     - ``cache`` the object returned by ``init_cache``; when given, the new keys/values are
-      appended to it and the output attends over everything it holds.
-    - ``memory`` (B, S, dim) encoder output, only for the ``cross`` role.
+      appended to it and the output attends over everything it holds. A kind touches its
+      cache only through the cache's own ``update`` (see ``cache.py``), so the same forward
+      runs eagerly and under torch.compile with fixed shapes.
+    - ``memory`` (B, S, dim) encoder output, only for the ``cross`` role. With a cache, the
+      call given ``memory`` writes what the kind keeps of it; calls with ``memory=None`` read
+      that back (the memory is projected once per source).
     - ``mask`` (B, S) bool, True where a *key* is a real token: for self roles the keys are
       ``x`` itself (S = T), for ``cross`` they are ``memory``. ``None`` means no padding.
     """
@@ -66,8 +72,16 @@ class Attention(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def init_cache(
-        self, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
-    ) -> Any:
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        lookahead: int = 0,
+    ) -> Cache:
+        """This kind's own cache (a ``Cache``) for ``batch_size`` rows of up to ``max_len``
+        tokens (cross role: ``max_len`` = memory length). ``lookahead``: tokens a step may
+        write beyond what it keeps and then ``rollback`` (speculative decoding)."""
         raise NotImplementedError
 
     def flops_per_token(self, context: int) -> float:

@@ -65,12 +65,17 @@ class GatedLinearAttention(Attention):
         self.o_norm.reset_parameters()
 
     def init_cache(
-        self, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        lookahead: int = 0,
     ) -> RecurrentState:
         """State (B, H, D_k, D_v) only, kept in at least fp32; ``max_len`` does not matter."""
         shape = (batch_size, self.n_heads, self.head_k, self.head_v)
         dtype = torch.promote_types(dtype, torch.float32)
-        return RecurrentState(torch.zeros(shape, device=device, dtype=dtype))
+        return RecurrentState(torch.zeros(shape, device=device, dtype=dtype), lookahead=lookahead)
 
     def _heads(self, y: Tensor, d: int) -> Tensor:
         b, t, _ = y.shape
@@ -111,8 +116,7 @@ class GatedLinearAttention(Attention):
             state = cache.state
         y, state = chunk_gla(q, k, v, log_alpha, state, self.cfg.chunk_size)  # (B, H, T, D_v)
         if cache is not None:
-            cache.state.copy_(state)
-            cache.length += t
+            cache.update(t, state)
         y = self.o_norm(y.transpose(1, 2))  # (B, T, H, D_v)
         y = y.reshape(b, t, self.value_dim) * F.silu(self.g_proj(x))
         return self.o_proj(y)

@@ -9,8 +9,8 @@ No RoPE: rotating the non-negative features would break phi's positivity (and th
 normaliser); order comes from causality and the rest of the network, as in the paper.
 
 Caches are ``RecurrentState`` (S, z), fixed size whatever the length. For ``cross`` the state
-is the source summary, computed once from the memory (``length > 0`` means filled) and
-reused at every decoding step.
+is the source summary, computed at the first call (the one given ``memory``) and reused at
+every decoding step.
 """
 
 from __future__ import annotations
@@ -53,13 +53,19 @@ class LinearAttention(Attention):
         self.o_proj = nn.Linear(dim, dim, bias=cfg.bias)
 
     def init_cache(
-        self, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        lookahead: int = 0,
     ) -> RecurrentState:
         """State (B, H, D, D) and normaliser (B, H, D) in at least fp32; ``max_len`` unused."""
         shape = (batch_size, self.n_heads, self.head_dim)
         dtype = torch.promote_types(dtype, torch.float32)
         state = torch.zeros(*shape, self.head_dim, device=device, dtype=dtype)
-        return RecurrentState(state, torch.zeros(shape, device=device, dtype=dtype))
+        normalizer = torch.zeros(shape, device=device, dtype=dtype)
+        return RecurrentState(state, normalizer, lookahead=lookahead)
 
     def _heads(self, proj: nn.Linear, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -95,15 +101,13 @@ class LinearAttention(Attention):
         if self.causal:
             y = self._causal(q, x, cache, mask)
         else:
-            if self.role == "cross" and cache is not None and cache.length > 0:
-                s, z = cache.state, cache.normalizer  # source summary, computed once
+            if self.role == "cross" and memory is None:
+                s, z = cache.state, cache.normalizer  # source summary, written at the first call
             else:
                 k, v = self._keys_values(memory if self.role == "cross" else x, mask)
                 s, z = linear_attention_summary(k, v)  # (B, H, D, D), (B, H, D)
                 if cache is not None:
-                    cache.state.copy_(s)
-                    cache.normalizer.copy_(z)
-                    cache.length = k.shape[2]
+                    cache.update(k.shape[2], s, z)
             y = linear_attention_readout(q, s, z, self.cfg.eps)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.dim))
 
@@ -118,9 +122,7 @@ class LinearAttention(Attention):
             s, z = cache.state, cache.normalizer
         y, s, z = chunk_linear_attention(q, k, v, s, z, self.cfg.chunk_size, self.cfg.eps)
         if cache is not None:
-            cache.state.copy_(s)
-            cache.normalizer.copy_(z)
-            cache.length += x.shape[1]
+            cache.update(x.shape[1], s, z)
         return y
 
     def attention_weights(self, x: Tensor, *, positions: Tensor) -> Tensor:

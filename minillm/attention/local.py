@@ -122,12 +122,16 @@ class LocalAttention(Attention):
         self.after = 0 if self.causal else cfg.window // 2
 
     def init_cache(
-        self, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        lookahead: int = 0,
     ) -> RollingKVCache:
-        """``window`` slots whatever ``max_len``: memory O(window)."""
-        return RollingKVCache(
-            batch_size, self.n_kv_heads, self.cfg.window, self.head_dim, device, dtype
-        )
+        """``window`` (+ ``lookahead``) slots whatever ``max_len``: memory O(window)."""
+        shape = (batch_size, self.n_kv_heads, self.cfg.window, self.head_dim)
+        return RollingKVCache(*shape, device, dtype, lookahead=lookahead)
 
     def _heads(self, proj: nn.Linear, x: Tensor, n: int) -> Tensor:
         b, t, _ = x.shape
@@ -158,26 +162,12 @@ class LocalAttention(Attention):
         if cache is not None:
             if not self.causal:
                 raise ValueError("bidirectional local attention runs once; it takes no cache")
-            k, v, valid = self._with_context(cache, k, v, mask)  # (B, P + T, H_kv, D)
+            # the up to window - 1 cached keys the new queries can see, then the new ones
+            k, v, valid = cache.update(k.transpose(1, 2), v.transpose(1, 2), mask)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, P + T, H_kv, D)
         dropout = self.cfg.dropout if self.training else 0.0
         y = banded_attention(q, k, v, valid, self.before, self.after, dropout)  # (B, T, H, D)
         return self.o_proj(y.reshape(b, t, self.dim))
-
-    def _with_context(
-        self, cache: RollingKVCache, k: Tensor, v: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Prepend the up to ``window - 1`` cached keys the new queries can see, then append."""
-        held = min(cache.length, self.before)
-        stream = torch.arange(cache.length - held, cache.length, device=k.device)
-        slots = stream % cache.window  # ring slots of the last ``held`` tokens, oldest first
-        k_ctx = cache.k[:, :, slots].transpose(1, 2)  # (B, P, H_kv, D)
-        v_ctx = cache.v[:, :, slots].transpose(1, 2)
-        valid = None
-        if cache.has_padding or mask is not None:
-            new = mask if mask is not None else k.new_ones(k.shape[:2], dtype=torch.bool)
-            valid = torch.cat((cache.valid[:, slots], new), dim=1)  # (B, P + T)
-        cache.append(k.transpose(1, 2), v.transpose(1, 2), mask)
-        return torch.cat((k_ctx, k), dim=1), torch.cat((v_ctx, v), dim=1), valid
 
     def attention_weights(self, x: Tensor, *, positions: Tensor) -> Tensor:
         """Softmax weights (B, H, T, T) over each query's window, zero outside it; with V's

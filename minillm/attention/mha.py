@@ -65,10 +65,16 @@ class MultiHeadAttention(Attention):
         self.o_proj = nn.Linear(dim, dim, bias=cfg.bias)
 
     def init_cache(
-        self, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        lookahead: int = 0,
     ) -> KVCache:
-        """KV cache for ``max_len`` tokens (cross role: ``max_len`` = source length)."""
-        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
+        """KV cache for ``max_len`` + ``lookahead`` tokens (cross: ``max_len`` = source length)."""
+        n = max_len + lookahead
+        return KVCache(batch_size, self.n_kv_heads, n, self.head_dim, device, dtype)
 
     def flops_per_token(self, context: int) -> float:
         """Projections plus QK^T and AV over ``context`` keys for each query head.
@@ -94,42 +100,52 @@ class MultiHeadAttention(Attention):
     ) -> Tensor:
         b, t, _ = x.shape
         q = self._heads(self.q_proj, x, self.n_heads)  # (B, H, T, D)
-        offset = 0
         if self.role == "cross":
-            if cache is not None and cache.length > 0:  # memory keys computed once per source
-                k, v = cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]
-                key_valid = cache.valid[:, : cache.length] if cache.has_padding else None
-            else:
-                k = self._heads(self.k_proj, memory, self.n_kv_heads)  # (B, H_kv, S, D)
-                v = self._heads(self.v_proj, memory, self.n_kv_heads)
-                key_valid = mask
-                if cache is not None:
-                    cache.append(k, v, mask)
+            k, v, allowed = self._memory(memory, mask, cache)  # (B, H_kv, S, D)
         else:
             k = self._heads(self.k_proj, x, self.n_kv_heads)  # (B, H_kv, T, D)
             v = self._heads(self.v_proj, x, self.n_kv_heads)
             cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            key_valid = mask
             if cache is not None:
-                offset = cache.length
-                k, v, key_valid = cache.append(k, v, mask)  # (B, H_kv, S, D)
-        y = self._attend(q, k, v, key_valid, offset)  # (B, H, T, D)
+                k, v, allowed = cache.update(k, v, mask)  # (B, H_kv, S, D)
+            elif mask is not None:
+                allowed = softmax_attention_mask(t, t, 0, self.causal, mask, x.device)
+            else:
+                allowed = None
+        y = self._attend(q, k, v, allowed)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.dim))
 
-    def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, offset: int
-    ) -> Tensor:
-        t, s = q.shape[2], k.shape[2]
+    def _memory(
+        self, memory: Tensor | None, mask: Tensor | None, cache: KVCache | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Cross role: keys, values of the memory and the mask of its real keys (B, 1, 1, S).
+
+        With a cache, the first call (``memory`` given) writes them; later calls (``memory``
+        None) read them back, so the memory is projected once per source.
+        """
+        if memory is None:
+            k, v, mask = cache.read()
+        else:
+            k = self._heads(self.k_proj, memory, self.n_kv_heads)  # (B, H_kv, S, D)
+            v = self._heads(self.v_proj, memory, self.n_kv_heads)
+            if cache is not None:
+                cache.update(k, v, mask)
+        return k, v, None if mask is None else mask[:, None, None, :]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        """SDPA under ``allowed`` (B | 1, 1, T, S); None means plain causality (is_causal when
+        T > 1) for causal queries, everything for the others."""
         dropout = self.cfg.dropout if self.training else 0.0
-        gqa = self.n_kv_heads != self.n_heads
-        if key_valid is None and self.causal and offset == 0 and t == s:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa
-            )
-        attn_mask = softmax_attention_mask(t, s, offset, self.causal, key_valid, q.device)
+        is_causal = allowed is None and self.causal and q.shape[2] > 1
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa
+            q,
+            k,
+            v,
+            attn_mask=allowed,
+            dropout_p=dropout,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
 
     def attention_weights(self, x: Tensor, *, positions: Tensor) -> Tensor:

@@ -1,15 +1,14 @@
-"""Beam search for the encoder-decoder model, over any attention kind's caches.
+"""Beam search as a ``Search``: for any architecture and any attention kind's caches.
 
-Rows are source-major: row ``i * K + j`` is beam ``j`` of source ``i`` (``K = num_beams``).
-Each step scores the ``2K`` best continuations of every source, moves finished ones (EOS) to
-that source's hypothesis list and keeps the ``K`` best unfinished ones; the self-attention
-caches follow their beams with ``reorder``. Beams never move across sources, so the
-cross-attention caches (keys/values of the memory, or a linear kind's summary) are filled
-once, on the first step, and never touched again. Scores are summed log-probabilities
-divided by ``length ** length_penalty`` (length counts the EOS), as in fairseq.
-
-``use_cache=False`` reruns the decoder over the whole prefix every step: the slow twin the
-tests compare against. One host sync per step (the 2K candidates) drives the bookkeeping.
+Rows are prompt-major: row ``i * K + j`` is beam ``j`` of prompt ``i`` (``K = num_beams``),
+expanded from the prefilled prompts at the first choice. Each step scores the ``2K`` best
+continuations of every prompt, moves finished ones (EOS) to that prompt's hypotheses and keeps
+the ``K`` best unfinished ones; the state follows its beams with ``reorder`` (beams never move
+across prompts, so an encoder-decoder's cross caches, filled once, stay valid). Scores are
+summed log-probabilities (after the repetition penalty; temperature, top-k and top-p do not
+apply) divided by ``length ** length_penalty`` (length counts the EOS), as in fairseq. A
+prompt whose beams reach its cap (``max_new_tokens`` or the context) without EOS ranks them
+as they are. One host sync per step (the 2K candidates) drives the bookkeeping.
 """
 
 from __future__ import annotations
@@ -17,64 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-
-class DecodeState:
-    """The encoder memory of a batch and one decoder step over caches (or the slow twin).
-
-    ``rows_per_source`` copies of each source's memory sit next to each other (source-major),
-    so a step sees (B * rows_per_source) rows. The memory is expanded before the cross caches
-    are filled, so every row of a source holds the same cross cache.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        src_ids: Tensor,
-        src_mask: Tensor | None,
-        rows_per_source: int,
-        max_new_tokens: int,
-        use_cache: bool = True,
-    ) -> None:
-        self.model = model
-        memory = model.encode(src_ids, src_mask)  # (B, S, dim)
-        self.memory = memory.repeat_interleave(rows_per_source, 0)  # (B * R, S, dim)
-        self.memory_mask = None
-        if src_mask is not None:
-            self.memory_mask = src_mask.repeat_interleave(rows_per_source, 0)  # (B * R, S)
-        self.caches = None
-        if use_cache:
-            self.caches = model.init_caches(
-                self.memory.shape[0], max_new_tokens + 1, memory_len=memory.shape[1]
-            )
-        self.length = 0  # decoder tokens already in the caches
-
-    def logits(self, history: Tensor) -> Tensor:
-        """history (N, t) of decoder inputs (BOS first) -> next-token logits (N, V)."""
-        if self.caches is None:
-            return self.model.decode(history, self.memory, memory_mask=self.memory_mask)[:, -1]
-        n, t = history.shape
-        positions = torch.arange(self.length, t, device=history.device).expand(n, -1)
-        logits = self.model.decode(
-            history[:, self.length :],
-            self.memory,
-            memory_mask=self.memory_mask,
-            positions=positions,
-            caches=self.caches,
-        )  # (N, t - length, V)
-        self.length = t
-        return logits[:, -1]
-
-    def reorder(self, rows: Tensor) -> None:
-        """Row i of the self-attention caches becomes old row ``rows[i]`` (same source)."""
-        for self_cache, _ in self.caches or ():
-            self_cache.reorder(rows)
+from minillm.generation.sampling import SamplingConfig, apply_repetition_penalty
 
 
 @dataclass
 class Hypotheses:
-    """The ``num_beams`` best finished hypotheses of one source."""
+    """The ``num_beams`` best finished hypotheses of one prompt, best first."""
 
     num_beams: int
     length_penalty: float
@@ -96,93 +45,97 @@ class Hypotheses:
             return False
         return self.early_stopping or self.items[-1][0] >= self.score(best_live_logprob, length)
 
-    def best(self) -> list[int]:
-        return self.items[0][1]
 
+class BeamSearch:
+    """``num_beams`` beams per prompt; ``results`` gives each prompt's ``n_best``."""
 
-@torch.inference_mode()
-def beam_search(
-    model: nn.Module,
-    src_ids: Tensor,
-    src_mask: Tensor | None = None,
-    *,
-    num_beams: int = 5,
-    length_penalty: float = 1.0,
-    early_stopping: bool = True,
-    max_new_tokens: int = 64,
-    bos_id: int = 1,
-    eos_id: int = 2,
-    use_cache: bool = True,
-) -> list[list[int]]:
-    """Best hypothesis per source: src_ids (B, S), right-padded with ``src_mask`` (B, S).
+    def __init__(
+        self,
+        caps: list[int],
+        num_beams: int,
+        *,
+        length_penalty: float = 1.0,
+        early_stopping: bool = True,
+        eos_id: int | None = None,
+        sampling: SamplingConfig | None = None,
+        seen: Tensor | None = None,
+    ) -> None:
+        self.caps, self.k, self.eos_id = caps, num_beams, eos_id
+        self.penalty = sampling.repetition_penalty if sampling is not None else 1.0
+        self.seen = seen  # (P, V) tokens in each prompt, for the repetition penalty
+        self.hyps = [Hypotheses(num_beams, length_penalty, early_stopping) for _ in caps]
+        self.finished = [False] * len(caps)
+        self.done = False
+        self.scores: Tensor | None = None  # (P, K) summed log-probs of the live beams
+        self.history: Tensor | None = None  # (P * K, t) tokens of the live beams
+        self.length = 0
 
-    Returns token lists without BOS and EOS. ``num_beams=1`` gives exactly greedy decoding.
-    """
-    if num_beams < 1 or max_new_tokens < 1:
-        raise ValueError(
-            f"need num_beams >= 1 and max_new_tokens >= 1, got {num_beams}, {max_new_tokens}"
-        )
-    b, k = src_ids.shape[0], num_beams
-    state = DecodeState(model, src_ids, src_mask, k, max_new_tokens, use_cache)
-    history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=src_ids.device)
-    scores = torch.zeros(b, k, device=src_ids.device)  # (B, K) summed log-probs
-    scores[:, 1:] = float("-inf")  # all beams start equal: expand from beam 0 only
-    finished = [Hypotheses(k, length_penalty, early_stopping) for _ in range(b)]
-    done = [False] * b
-    for step in range(max_new_tokens):
-        logp = state.logits(history).float().log_softmax(-1)  # (B * K, V)
+    def choose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        p, k = len(self.caps), self.k
+        first = self.scores is None
+        if first:  # (P, V) prompts -> (P * K, V) beams, all equal: expand from beam 0 only
+            logits = logits.repeat_interleave(k, 0)
+            self.seen = None if self.seen is None else self.seen.repeat_interleave(k, 0)
+            self.scores = torch.zeros(p, k, device=logits.device)
+            self.scores[:, 1:] = float("-inf")
+            self.history = torch.zeros(p * k, 0, dtype=torch.long, device=logits.device)
+        logits = logits.float()
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+        logp = logits.log_softmax(-1)  # (P * K, V)
         vocab = logp.shape[-1]
-        cand = (scores.view(-1, 1) + logp).view(b, k * vocab)  # (B, K * V)
-        top, idx = cand.topk(2 * k, dim=-1)  # (B, 2K)
-        beam, token = idx // vocab, idx % vocab  # (B, 2K) each
-        keep = _select(history, top, beam, token, finished, done, eos_id, step + 1)  # (B, K)
-        scores = top.gather(1, keep)  # (B, K)
-        source_row = torch.arange(b, device=idx.device)[:, None] * k  # (B, 1)
-        rows = (source_row + beam.gather(1, keep)).flatten()  # (B * K,) old row of each beam
-        next_tokens = token.gather(1, keep).flatten()  # (B * K,)
-        history = torch.cat((history[rows], next_tokens[:, None]), dim=1)  # (B * K, t + 1)
-        state.reorder(rows)
-        if all(done):
-            break
-    for i, hyps in enumerate(finished):  # sources still open: their live beams compete too
-        if not done[i]:
-            for j in range(k):
-                hyps.add(history[i * k + j, 1:].tolist(), float(scores[i, j]), max_new_tokens)
-    return [hyps.best() for hyps in finished]
+        cand = (self.scores.view(-1, 1) + logp).view(p, k * vocab)  # (P, K * V)
+        top, idx = cand.topk(2 * k, dim=-1)  # (P, 2K)
+        self.length += 1
+        top_l, idx_l = top.tolist(), idx.tolist()  # the one host sync per step
+        keep = self._select(top_l, idx_l, vocab)  # (P, K) ranks among the 2K
+        old = [i * k + idx_l[i][r] // vocab for i in range(p) for r in keep[i]]  # (P * K,)
+        rows = torch.tensor(old, device=logits.device)  # old beam of each new one
+        keep_t = torch.tensor(keep, device=logits.device)  # (P, K)
+        self.scores = top.gather(1, keep_t)  # (P, K)
+        tokens = (idx.gather(1, keep_t) % vocab).flatten()  # (P * K,)
+        self.history = torch.cat((self.history[rows], tokens[:, None]), dim=1)
+        if self.seen is not None:
+            self.seen = self.seen[rows].scatter_(-1, tokens[:, None], True)
+        self._close_capped()
+        self.done = all(self.finished)
+        if first:
+            return tokens, rows // k  # rows of the prefilled prompts
+        return tokens, None if old == list(range(p * k)) else rows  # None: beams kept their rows
 
+    def _select(self, top: list[list[float]], idx: list[list[int]], vocab: int) -> list[list[int]]:
+        """Move EOS candidates among each prompt's best K into its hypotheses; pick the K best
+        live ones. top, idx (P, 2K) host lists of candidate scores and beam * vocab + token ->
+        ranks into the 2K candidates (P, K). A finished prompt keeps its first K (ignored)."""
+        k = self.k
+        keep = []
+        for i, hyps in enumerate(self.hyps):
+            if self.finished[i]:
+                keep.append(list(range(k)))
+                continue
+            live = []
+            for rank in range(2 * k):
+                if idx[i][rank] % vocab != self.eos_id:
+                    live.append(rank)
+                elif rank < k:  # an EOS among the K best: a finished hypothesis
+                    prefix = self.history[i * k + idx[i][rank] // vocab].tolist()
+                    hyps.add(prefix, top[i][rank], self.length)
+                if len(live) == k:
+                    break
+            keep.append(live)
+            self.finished[i] = hyps.done(top[i][live[0]], self.length)
+        return keep
 
-def _select(
-    history: Tensor,
-    top: Tensor,
-    beam: Tensor,
-    token: Tensor,
-    finished: list[Hypotheses],
-    done: list[bool],
-    eos_id: int,
-    length: int,
-) -> Tensor:
-    """Move EOS candidates among each source's best K into its hypotheses; pick live beams.
+    def _close_capped(self) -> None:
+        """Prompts that reached their cap: their live beams compete as they are."""
+        for i, cap in enumerate(self.caps):
+            if not self.finished[i] and self.length >= cap:
+                for j in range(self.k):
+                    row = i * self.k + j
+                    logprob = float(self.scores[i, j])
+                    self.hyps[i].add(self.history[row].tolist(), logprob, self.length)
+                self.finished[i] = True
 
-    top, beam, token (B, 2K). Returns the index into the 2K candidates of each kept beam
-    (B, K). A finished source keeps its first K candidates (ignored from then on).
-    """
-    b, two_k = top.shape
-    k = two_k // 2
-    top_l, beam_l, token_l = top.tolist(), beam.tolist(), token.tolist()  # one host sync
-    keep = []
-    for i in range(b):
-        if done[i]:
-            keep.append(list(range(k)))
-            continue
-        live = []
-        for rank in range(two_k):
-            if token_l[i][rank] != eos_id:
-                live.append(rank)
-            elif rank < k:  # an EOS among the K best: a finished hypothesis
-                prefix = history[i * k + beam_l[i][rank], 1:].tolist()
-                finished[i].add(prefix, top_l[i][rank], length)
-            if len(live) == k:
-                break
-        keep.append(live)
-        done[i] = finished[i].done(top_l[i][live[0]], length)
-    return torch.tensor(keep, device=top.device)
+    def results(self, n_best: int) -> list[list[tuple[float, list[int]]]]:
+        """Each prompt's ``n_best`` (score, tokens without EOS), best first."""
+        return [hyps.items[:n_best] for hyps in self.hyps]

@@ -1,35 +1,35 @@
-"""Prefill, decode and ``generate_ids()`` over any attention kind's cache (gpt-fast style).
+"""Token-level generation for any architecture: ``generate_ids`` and ``GenerationConfig``.
 
-The prompt is prefilled with the parallel form, then one token per step goes through the
-caches. Each kind owns its cache (``init_cache``); this code never asks which kind it runs.
-Per step the only host sync is the one batched read of the new tokens (EOS, stop strings,
-streaming). ``use_cache=False`` recomputes the full forward every step: the slow twin.
+Prompts are left-padded into batches; the model's ``start`` prefills them (an
+encoder-decoder also encodes ``sources``), then the one loop of ``loop.py`` runs a
+``Sampler`` (greedy, sampling) or a ``BeamSearch`` (``num_beams > 1``) over ``step``.
+``use_cache=False`` makes every step a full forward: the slow twin the tests compare to.
 
-Left padding: rows are padded on the left and the prefill call gets ``mask``; decode steps
-pass each row's next position explicitly, so padded rows see the same positions they would
-alone.
-
-Context: only kinds whose cache is a ``KVCache`` have a limit, the model's ``max_len`` (prompt
-+ new tokens): a longer prompt is an error unless ``truncate="left"``, and a row stops (with a
-warning) when it fills the context. Rolling-window and recurrent caches keep O(window) / O(1)
-memory and decode past ``max_len`` (RoPE is computed from positions, so any position works;
-quality past the trained length is another matter).
+Context: the state's ``capacity`` (the model's ``max_len`` when a cache fills up, None for
+O(window) / O(1) caches) bounds prompt + new tokens per row. A prompt that leaves no room is an
+error unless ``truncate="left"``, and a row stops (with a warning) when it fills the context.
+The prompt check needs the state, so a batch with a prompt too long is prefilled once for
+nothing before the error (or the truncated retry).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from minillm.attention import KVCache
-from minillm.generation.sampling import SamplingConfig, mark_seen, process_logits, sample
+from minillm.generation.beam import BeamSearch
+from minillm.generation.loop import decode, step_function
+from minillm.generation.sampling import Sampler, SamplingConfig, check_options, mark_seen
+from minillm.generation.speculative import speculative_decode
 
 TRUNCATE = (None, "left")
+Scored = tuple[list[list[int]], list[float | None]]  # tokens per output row, beam scores
 
 
 @dataclass
@@ -43,17 +43,33 @@ class GenerationConfig(SamplingConfig):
     use_cache: bool = True  # False: full forward each step (slow twin)
     compile: bool = False  # torch.compile the decode step only
     truncate: str | None = None  # "left": drop the oldest prompt tokens to fit the context
-    batch_size: int = 32  # rows per forward when there are many prompts x samples
+    batch_size: int = 32  # rows per forward when there are many prompts x samples (x beams)
+    num_beams: int = 1  # > 1: beam search (temperature, top_k, top_p do not apply)
+    length_penalty: float = 1.0  # beam scores are log-prob / length ** length_penalty
+    early_stopping: bool = True  # beam: stop a prompt once num_beams hypotheses ended
+    n_best: int = 1  # beam: hypotheses returned per prompt, best first
+    draft_k: int = 4  # speculative decoding (a draft_model given): proposals per round
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.truncate not in TRUNCATE:
-            raise ValueError(f"truncate must be one of {TRUNCATE}, got {self.truncate!r}")
-        for name, low in (("max_new_tokens", 0), ("num_samples", 1), ("batch_size", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        checks = (
+            ("truncate", self.truncate in TRUNCATE, f"must be one of {TRUNCATE}"),
+            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
+            ("num_samples", self.num_samples >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("num_beams", self.num_beams >= 1, "must be >= 1 (1 = no beam search)"),
+            ("n_best", 1 <= self.n_best <= self.num_beams, "must be in [1, num_beams]"),
+            ("draft_k", self.draft_k >= 1, "must be >= 1"),
+            ("num_samples", self.num_samples == 1 or self.num_beams == 1,
+             "must be 1 with num_beams > 1 (n_best gives several hypotheses)"),
+        )  # fmt: skip
+        check_options(self, checks)
+
+    @property
+    def outputs_per_prompt(self) -> int:
+        return self.n_best if self.num_beams > 1 else self.num_samples
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> GenerationConfig:
@@ -64,32 +80,15 @@ class GenerationConfig(SamplingConfig):
         return cls(**options)
 
 
-def prefill(model: nn.Module, input_ids: Tensor, mask: Tensor | None, caches: list[Any]) -> Tensor:
-    """Run the prompt (B, T) through the model, filling ``caches``; logits (B, V) of the last
-    position (real in every row, since padding is on the left)."""
-    return model(input_ids, mask=mask, caches=caches)[:, -1]
-
-
-def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, caches: list[Any]) -> Tensor:
-    """One new token per row: tokens, positions (B, 1) -> logits (B, V); appends to caches."""
-    return model(tokens, positions=positions, caches=caches)[:, -1]
-
-
-_compiled: dict[str, Callable[..., Tensor]] = {}
-
-
-def compiled_decode_step(device: torch.device) -> Callable[..., Tensor]:
-    """``decode_step`` under torch.compile (CUDA: ``reduce-overhead``, i.e. CUDA graphs).
-
-    Cache lengths are host ints, so the graph is recompiled once with a dynamic length and
-    then reused for every step.
-    """
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    if mode not in _compiled:
-        step = torch.compile(decode_step, mode=mode, dynamic=True)
-        # CUDA graphs reuse their output buffer: copy the logits out before the next replay
-        _compiled[mode] = (lambda *a: step(*a).clone()) if device.type == "cuda" else step
-    return _compiled[mode]
+def check_speculative(cfg: GenerationConfig) -> None:
+    """Speculative decoding here is greedy, one row per prompt, eager."""
+    checks = (
+        ("temperature", cfg.greedy, "must be 0 with a draft_model (speculation is greedy)"),
+        ("num_beams", cfg.num_beams == 1, "must be 1 with a draft_model"),
+        ("num_samples", cfg.num_samples == 1, "must be 1 with a draft_model"),
+        ("compile", not cfg.compile, "must be false with a draft_model (it runs eagerly)"),
+    )
+    check_options(cfg, checks)
 
 
 def left_pad(
@@ -106,73 +105,16 @@ def left_pad(
     return ids, (None if bool(mask.all()) else mask.to(device))
 
 
-def decode_steps(
-    model: nn.Module,
-    input_ids: Tensor,
-    mask: Tensor | None,
-    cfg: GenerationConfig,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (raw logits (B, V), sampled tokens (B,)) for up to ``cfg.max_new_tokens`` steps.
-
-    The next step runs only when the consumer asks for it, so breaking out of the loop (all
-    rows stopped) wastes no forward. No host sync happens in here.
-    """
-    b, t = input_ids.shape
-    n_real = mask.sum(-1, keepdim=True) if mask is not None else torch.full((b, 1), t)
-    positions = (n_real - 1).to(input_ids.device)  # (B, 1) last real position per row
-    if cfg.use_cache:
-        caches = model.init_caches(b, t + cfg.max_new_tokens, input_ids.device)
-        step = compiled_decode_step(input_ids.device) if cfg.compile else decode_step
-        logits = prefill(model, input_ids, mask, caches)  # (B, V)
-    else:
-        logits = model(input_ids, mask=mask)[:, -1]
-    seen = None  # (B, V) tokens already in each row, for the repetition penalty
-    if cfg.repetition_penalty != 1.0:
-        seen = mark_seen(torch.zeros_like(logits, dtype=torch.bool), input_ids, mask)
-    for i in range(cfg.max_new_tokens):
-        tokens = sample(process_logits(logits, cfg, seen), cfg, generator)  # (B,)
-        yield logits, tokens
-        if i == cfg.max_new_tokens - 1:
-            return
-        if seen is not None:
-            mark_seen(seen, tokens[:, None])
-        positions = positions + 1
-        if cfg.use_cache:
-            logits = step(model, tokens[:, None], positions, caches)
-        else:  # slow twin: the whole sequence again, positions from the mask as at prefill
-            input_ids = torch.cat((input_ids, tokens[:, None]), dim=1)
-            if mask is not None:
-                mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
-            logits = model(input_ids, mask=mask)[:, -1]
-
-
-def context_limit(model: nn.Module) -> int | None:
-    """Most tokens (prompt + generated) a row may hold: ``max_len`` if some block's
-    self-attention cache is a ``KVCache``, None when every cache is O(window) or O(1)."""
-    probe = model.init_caches(1, 1)
-    if any(isinstance(cache[0], KVCache) for cache in probe):
-        return model.cfg.max_len
-    return None
-
-
-def fit_prompts(
-    prompts: Sequence[Sequence[int]], limit: int | None, truncate: str | None = None
-) -> list[list[int]]:
-    """Every prompt must leave room for one new token in ``limit``, or is cut on the left."""
-    prompts = [list(p) for p in prompts]
-    if any(not p for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if limit is None:
-        return prompts
-    for i, p in enumerate(prompts):
-        if len(p) >= limit and truncate != "left":
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens but the model's context is {limit} tokens "
-                f"(max_len of its KV cache), so no new token fits; shorten the prompt or pass "
-                f"truncate='left' to keep its last {limit - 1} tokens"
-            )
-    return [p[1 - limit :] if len(p) >= limit else p for p in prompts]
+def pad_right(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> tuple[Tensor, Tensor]:
+    """ids (B, S) padded on the right with ``pad_id``, mask (B, S) True for real tokens."""
+    lengths = torch.tensor([len(x) for x in seqs])
+    ids = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, x in enumerate(seqs):
+        ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+    mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # (B, S)
+    return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
@@ -181,59 +123,170 @@ def generate_ids(
     prompts: Sequence[Sequence[int]],
     cfg: GenerationConfig | None = None,
     *,
+    sources: Sequence[Sequence[int]] | None = None,
     eos_id: int | None = None,
     pad_id: int = 0,
     on_token: Callable[[int, list[int]], bool] | None = None,
+    draft_model: nn.Module | None = None,
     **options: Any,
 ) -> list[list[int]]:
-    """Token-level generation: ``num_samples`` completions per prompt, prompt-major.
-
-    Returns each row's new tokens, without the prompt and without the EOS that ended it.
-    ``on_token(row, tokens_so_far)`` runs after every new token of a live row (streaming,
-    stop strings); returning True stops that row. ``options`` override fields of ``cfg``.
-    With a context limit a row also stops when prompt + new tokens fill it (with a warning).
-    """
+    """New tokens of ``outputs_per_prompt`` rows per prompt (prompt-major), without the prompt
+    and the EOS that ended them; see ``generate_scored``."""
     cfg = GenerationConfig.from_options({**(vars(cfg) if cfg else {}), **options})
-    limit = context_limit(model)
-    rows = [p for p in fit_prompts(prompts, limit, cfg.truncate) for _ in range(cfg.num_samples)]
-    caps = [min(cfg.max_new_tokens, limit - len(p)) if limit else cfg.max_new_tokens for p in rows]
+    kw = dict(sources=sources, eos_id=eos_id, pad_id=pad_id, on_token=on_token)
+    kw["draft_model"] = draft_model
+    return generate_scored(model, prompts, cfg, **kw)[0]
+
+
+@torch.inference_mode()
+def generate_scored(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig,
+    *,
+    sources: Sequence[Sequence[int]] | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    on_token: Callable[[int, list[int]], bool] | None = None,
+    draft_model: nn.Module | None = None,
+) -> Scored:
+    """Token rows and their beam scores (None when sampling), for any architecture.
+
+    ``prompts`` are what the decoder continues (an encoder-decoder's: ``[<bos>]``);
+    ``sources`` (encoder-decoder only, one per prompt) are encoded once per prompt.
+    ``on_token(row, tokens_so_far)`` runs after every new token of a live row when sampling
+    (streaming, stop strings); returning True stops that row. ``draft_model`` (greedy only):
+    speculative decoding with ``draft_k`` proposals a round; same output, fewer target steps.
+    """
+    prompts = [list(p) for p in prompts]
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if sources is not None and len(sources) != len(prompts):
+        raise ValueError(f"got {len(sources)} sources for {len(prompts)} prompts")
+    per_prompt = cfg.outputs_per_prompt
+    if cfg.max_new_tokens == 0:
+        return [[] for _ in range(len(prompts) * per_prompt)], [None] * len(prompts) * per_prompt
+    if draft_model is not None:
+        check_speculative(cfg)
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    out: list[list[int]] = [[] for _ in rows]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(rows), cfg.batch_size):
-            live = list(range(start, min(start + cfg.batch_size, len(rows))))
-            ids, mask = left_pad([rows[r] for r in live], pad_id, device)
-            steps = replace(cfg, max_new_tokens=max(caps[r] for r in live))
-            for _, tokens in decode_steps(model, ids, mask, steps, generator):
-                new = tokens.tolist()  # the one batched host sync per step
-                live = [r for r in live if _push(r, new[r - start], out, eos_id, on_token, caps)]
-                if not live:
-                    break
-    finally:
-        model.train(was_training)
-    if any(len(o) == c < cfg.max_new_tokens for o, c in zip(out, caps, strict=True)):
+    step = step_function(model, cfg.compile)
+    chunk = max(1, cfg.batch_size // (cfg.num_beams * cfg.num_samples))  # prompts per batch
+    tokens: list[list[int]] = []
+    scores: list[float | None] = []
+    capped: int | None = None  # the context some row stopped at
+    with _eval_mode(model, draft_model):
+        for first in range(0, len(prompts), chunk):
+            batch = _Batch(model, prompts[first : first + chunk], first, cfg, pad_id, draft_model)
+            batch.sources = None if sources is None else sources[first : first + chunk]
+            out, out_scores, hit = batch.run(step, eos_id, on_token, generator)
+            tokens, scores, capped = tokens + out, scores + out_scores, capped or hit
+    if capped:
         warnings.warn(
-            f"generation stopped at the model's context of {limit} tokens (prompt + new) before "
+            f"generation stopped at the model's context of {capped} tokens (prompt + new) before "
             f"max_new_tokens={cfg.max_new_tokens}; caches that do not grow have no such limit",
             stacklevel=3,  # the caller (inference_mode's wrapper sits in between)
         )
-    return out
+    return tokens, scores
 
 
-def _push(
-    row: int,
-    token: int,
-    out: list[list[int]],
-    eos_id: int | None,
-    on_token: Callable[[int, list[int]], bool] | None,
-    caps: list[int],
-) -> bool:
-    """Append ``token`` to ``out[row]``; False when the row is finished."""
-    if token == eos_id:
-        return False
-    out[row].append(token)
-    stop = on_token is not None and on_token(row, out[row])
-    return not stop and len(out[row]) < caps[row]
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Models in eval mode (no dropout) for the duration, then back to how they were."""
+    models = tuple(m for m in models if m is not None)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+
+
+class _Batch:
+    """One batch of prompts: prefill (checked against the context), search, results."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],
+        first: int,
+        cfg: GenerationConfig,
+        pad_id: int,
+        draft: nn.Module | None = None,
+    ) -> None:
+        self.model, self.prompts, self.first, self.cfg = model, prompts, first, cfg
+        self.pad_id, self.draft = pad_id, draft
+        self.device = next(model.parameters()).device
+        self.sources: Sequence[Sequence[int]] | None = None
+
+    def _start(self, model: nn.Module, lookahead: int) -> tuple[Tensor, Any]:
+        self.ids, self.mask = left_pad(self.prompts, self.pad_id, self.device)
+        inputs: dict[str, Any] = {"mask": self.mask, "lookahead": lookahead}
+        if self.sources is not None:
+            src_ids, src_mask = pad_right(self.sources, self.pad_id, self.device)
+            inputs |= {"src_ids": src_ids, "src_mask": src_mask}
+        cfg = self.cfg
+        return model.start(
+            self.ids, max_new_tokens=cfg.max_new_tokens, use_cache=cfg.use_cache, **inputs
+        )
+
+    def start(self) -> tuple[tuple[Tensor, Any], Any, int | None]:
+        """Prefill the model (and the draft); prompts must leave room for a new token in the
+        context: ((logits, state), draft state or None, context or None)."""
+        lookahead = self.cfg.draft_k if self.draft is not None else 0
+        first = self._start(self.model, lookahead)
+        draft_state = None if self.draft is None else self._start(self.draft, lookahead)[1]
+        states = (first[1], draft_state)
+        limit = min((s.capacity for s in states if s and s.capacity is not None), default=None)
+        if limit is None or all(len(p) < limit for p in self.prompts):
+            return first, draft_state, limit
+        if self.cfg.truncate != "left":
+            i, p = next((i, p) for i, p in enumerate(self.prompts) if len(p) >= limit)
+            raise ValueError(
+                f"prompt {self.first + i} has {len(p)} tokens but the model's context is {limit} "
+                f"tokens (max_len of its KV cache), so no new token fits; shorten the prompt or "
+                f"pass truncate='left' to keep its last {limit - 1} tokens"
+            )
+        self.prompts = [p[1 - limit :] if len(p) >= limit else p for p in self.prompts]
+        return self.start()
+
+    def run(
+        self,
+        step: Callable[[Tensor, Any], Tensor],
+        eos_id: int | None,
+        on_token: Callable[[int, list[int]], bool] | None,
+        generator: torch.Generator | None,
+    ) -> tuple[list[list[int]], list[float | None], int | None]:
+        """(tokens per output row, scores, the context if a row stopped there, else None)."""
+        cfg = self.cfg
+        (logits, state), draft_state, limit = self.start()
+        caps = [min(cfg.max_new_tokens, limit - len(p)) if limit else cfg.max_new_tokens
+                for p in self.prompts]  # fmt: skip
+        seen = None  # (P, V) tokens already in each prompt, for the repetition penalty
+        if cfg.repetition_penalty != 1.0:
+            seen = mark_seen(torch.zeros_like(logits, dtype=torch.bool), self.ids, self.mask)
+        if cfg.num_beams > 1:
+            search = BeamSearch(caps, cfg.num_beams, length_penalty=cfg.length_penalty,
+                                early_stopping=cfg.early_stopping, eos_id=eos_id,
+                                sampling=cfg, seen=seen)  # fmt: skip
+            decode(logits, state, search, step)
+            best = [h for hyps in search.results(cfg.n_best) for h in hyps]
+            tokens, scores = [t for _, t in best], [s for s, _ in best]
+            caps = [c for c in caps for _ in range(cfg.n_best)]
+        else:
+            offset = self.first * cfg.num_samples
+            hook = None if on_token is None else (lambda r, t: on_token(offset + r, t))
+            caps = [c for c in caps for _ in range(cfg.num_samples)]
+            search = Sampler(cfg, caps, cfg.num_samples, eos_id=eos_id, on_token=hook,
+                             generator=generator, seen=seen)  # fmt: skip
+            if self.draft is None:
+                decode(logits, state, search, step)
+            else:
+                speculative_decode(
+                    self.model, self.draft, (logits, state), draft_state, search, cfg.draft_k
+                )
+            tokens, scores = search.out, [None] * len(caps)
+        hit = any(len(t) == c < cfg.max_new_tokens for t, c in zip(tokens, caps, strict=True))
+        return tokens, scores, limit if hit else None

@@ -6,6 +6,7 @@ Shapes: ``B`` rows (prompts x samples), ``V`` vocabulary. Every function takes a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,20 +23,24 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # 1.0: off; > 1 discourages tokens already in the row
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or None = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
-            )
+        checks = (
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0 (0 or None = off)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1] (1 = off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
+        )
+        check_options(self, checks)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_options(cfg: object, checks: tuple[tuple[str, bool, str], ...]) -> None:
+    """Raise ``ValueError("key=value: what works")`` for the first failed (key, ok, what)."""
+    for name, ok, what in checks:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: {what}")
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -101,3 +106,60 @@ def mark_seen(seen: Tensor, tokens: Tensor, valid: Tensor | None = None) -> Tens
     counts = torch.zeros(seen.shape, dtype=torch.int32, device=seen.device)
     counts.scatter_add_(-1, tokens, valid.to(torch.int32))  # duplicates add, padding adds 0
     return seen.logical_or_(counts > 0)
+
+
+class Sampler:
+    """Greedy decoding and sampling as a ``Search``: rows are prompts x ``num_samples``
+    (prompt-major), expanded from the prefilled prompts at the first choice.
+
+    One host sync per step (the new tokens) drives the bookkeeping: EOS (not kept), each
+    row's cap (``max_new_tokens``, or the context), and ``on_token(row, tokens_so_far)``
+    (streaming, stop strings; True stops the row). Finished rows keep being fed (their
+    tokens are ignored) so the batch keeps its shape.
+    """
+
+    def __init__(
+        self,
+        cfg: SamplingConfig,
+        caps: list[int],
+        num_samples: int = 1,
+        *,
+        eos_id: int | None = None,
+        on_token: Callable[[int, list[int]], bool] | None = None,
+        generator: torch.Generator | None = None,
+        seen: Tensor | None = None,
+    ) -> None:
+        self.cfg, self.caps, self.num_samples = cfg, caps, num_samples
+        self.eos_id, self.on_token, self.generator = eos_id, on_token, generator
+        self.seen = seen  # (P, V) tokens in each prompt, for the repetition penalty
+        self.out: list[list[int]] = [[] for _ in caps]
+        self.live = list(range(len(caps)))
+        self.done = False
+        self._expanded = num_samples == 1
+
+    def choose(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        rows = None
+        if not self._expanded:  # (P, V) prompts -> (P * num_samples, V) rows
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            rows = rows.repeat_interleave(self.num_samples)
+            logits = logits[rows]
+            self.seen = None if self.seen is None else self.seen[rows]
+            self._expanded = True
+        tokens = sample(process_logits(logits, self.cfg, self.seen), self.cfg, self.generator)
+        if self.seen is not None:
+            self.seen.scatter_(-1, tokens[:, None], True)
+        self.record(tokens.tolist())  # the one host sync per step
+        return tokens, rows
+
+    def record(self, new: list[int]) -> None:
+        """Take each live row's next token (also used by speculative decoding)."""
+        self.live = [r for r in self.live if self._push(r, new[r])]
+        self.done = not self.live
+
+    def _push(self, row: int, token: int) -> bool:
+        """Append ``token`` to row ``row``; False when the row is finished."""
+        if token == self.eos_id:
+            return False
+        self.out[row].append(token)
+        stop = self.on_token is not None and self.on_token(row, self.out[row])
+        return not stop and len(self.out[row]) < self.caps[row]

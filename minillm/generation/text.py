@@ -1,5 +1,7 @@
-"""Text in, text out: prompts are encoded, generated with ``generate_ids`` and decoded
-incrementally (whole UTF-8 characters, stop strings cut) for streaming.
+"""Text in, text out, for every architecture: prompts are encoded as the architecture reads
+them (``PROMPT_INPUTS``: a decoder-only model continues the prompt, an encoder-decoder
+translates it), generated with ``generate_scored`` and decoded incrementally (whole UTF-8
+characters, stop strings cut) for streaming.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from minillm.generation.generate import GenerationConfig, generate_ids
+from minillm.generation.generate import GenerationConfig, generate_scored
+from minillm.generation.seq2seq import encode_sources
 
 
 class TextStream:
@@ -73,7 +76,29 @@ class TextStream:
 @dataclass
 class Completion:
     text: str  # the new text only, cut before a stop string
-    token_ids: list[int]  # the new tokens (up to and including the one that hit a stop string)
+    token_ids: list[int]  # the new tokens (sampling: up to the one that hit a stop string)
+    score: float | None = None  # beam search: log-prob / length ** length_penalty
+
+
+def continuation_inputs(tokenizer: Any, prompts: list[str]) -> dict[str, Any]:
+    """Decoder-only: the prompt is what the model continues; empty starts from ``<eos>``
+    (a document boundary, as in training)."""
+    eos_id = tokenizer.token_to_id("<eos>")
+    encoded = [tokenizer.encode(p, add_special_tokens=False).ids or [eos_id] for p in prompts]
+    return {"prompts": encoded, "sources": None}
+
+
+def translation_inputs(tokenizer: Any, prompts: list[str]) -> dict[str, Any]:
+    """Encoder-decoder: the prompt is the source; the decoder starts from ``<bos>``."""
+    bos_id = tokenizer.token_to_id("<bos>")
+    return {"prompts": [[bos_id]] * len(prompts), "sources": encode_sources(tokenizer, prompts)}
+
+
+# model.cfg.arch -> how text prompts become the model's inputs
+PROMPT_INPUTS: dict[str, Callable[[Any, list[str]], dict[str, Any]]] = {
+    "decoder": continuation_inputs,
+    "encoder_decoder": translation_inputs,
+}
 
 
 def complete(
@@ -82,39 +107,43 @@ def complete(
     prompts: str | Sequence[str],
     *,
     on_text: Callable[[int, str], None] | None = None,
+    draft_model: nn.Module | None = None,
     **options: Any,
 ) -> list[Completion]:
-    """Text in, completions out: ``num_samples`` per prompt, prompt-major, prompt excluded.
+    """Text in, completions out, for either architecture: ``num_samples`` (sampling) or
+    ``n_best`` (beam search) rows per prompt, prompt-major, prompt excluded.
 
     ``options`` are ``GenerationConfig`` fields. ``on_text(row, piece)`` streams each row's
-    text as it is produced. An empty prompt starts from ``<eos>`` (a document boundary, as
-    in training). Stops at ``<eos>``, a stop string (cut from the text) or max_new_tokens.
+    text as it is produced (beam search: the whole text once it is chosen). Stops at
+    ``<eos>``, a stop string (cut from the text) or max_new_tokens. ``draft_model`` (same
+    tokenizer, greedy only): speculative decoding, ``draft_k`` proposals a round, same text.
     """
     cfg = GenerationConfig.from_options(options)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    inputs = PROMPT_INPUTS[model.cfg.arch](tokenizer, prompts)
     eos_id = tokenizer.token_to_id("<eos>")
     pad_id = tokenizer.token_to_id("<pad>") or 0
-    encoded = [tokenizer.encode(p, add_special_tokens=False).ids or [eos_id] for p in prompts]
-    n_rows = len(prompts) * cfg.num_samples
+    n_rows = len(prompts) * cfg.outputs_per_prompt
     streams = [
         TextStream(tokenizer, cfg.stop, None if on_text is None else _bind(on_text, row))
         for row in range(n_rows)
     ]
     hook = (lambda row, toks: streams[row].push(toks)) if cfg.stop or on_text else None
-    ids = generate_ids(model, encoded, cfg, eos_id=eos_id, pad_id=pad_id, on_token=hook)
-    return [Completion(s.finish(t), t) for s, t in zip(streams, ids, strict=True)]
+    tokens, scores = generate_scored(
+        model, cfg=cfg, eos_id=eos_id, pad_id=pad_id, on_token=hook, draft_model=draft_model,
+        **inputs,
+    )  # fmt: skip
+    return [
+        Completion(s.finish(t), t, score)
+        for s, t, score in zip(streams, tokens, scores, strict=True)
+    ]
 
 
 def generate(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: str | Sequence[str],
-    *,
-    on_text: Callable[[int, str], None] | None = None,
-    **options: Any,
+    model: nn.Module, tokenizer: Any, prompts: str | Sequence[str], **kwargs: Any
 ) -> list[str]:
     """The completions' texts; see ``complete`` (same arguments)."""
-    return [c.text for c in complete(model, tokenizer, prompts, on_text=on_text, **options)]
+    return [c.text for c in complete(model, tokenizer, prompts, **kwargs)]
 
 
 def _bind(on_text: Callable[[int, str], None], row: int) -> Callable[[str], None]:

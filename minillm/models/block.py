@@ -6,12 +6,14 @@ decoder: causal self-attention plus cross-attention over the encoder memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from minillm.attention import build_attention
+from minillm.attention import Cache, build_attention
+from minillm.attention.cache import static_address
 from minillm.models.config import ModelConfig
 from minillm.models.mlp import SwiGLU
 
@@ -29,7 +31,7 @@ class Block(nn.Module):
             self.cross_attn = build_attention(cross_attn, cfg.dim, cfg.n_heads, "cross")
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
 
     def forward(
         self,
@@ -63,14 +65,21 @@ class Block(nn.Module):
         device: torch.device | str,
         dtype: torch.dtype,
         memory_len: int | None = None,
-    ) -> tuple[Any, Any]:
-        self_cache = self.attn.init_cache(batch_size, max_len, device, dtype)
+        lookahead: int = 0,
+    ) -> tuple[Cache, Cache | None]:
+        self_cache = self.attn.init_cache(batch_size, max_len, device, dtype, lookahead)
         cross_cache = None
         if self.cross_attn is not None:
             if memory_len is None:
                 raise ValueError("a block with cross-attention needs memory_len for its cache")
             cross_cache = self.cross_attn.init_cache(batch_size, memory_len, device, dtype)
         return self_cache, cross_cache
+
+
+def dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` when p = 0: a decode step calls it 2-3 times a
+    block, and even an inactive Dropout costs a dispatch each time."""
+    return nn.Dropout(p) if p else nn.Identity()
 
 
 def init_block_weights(blocks: nn.ModuleList, std: float, n_layers: int) -> None:
@@ -92,3 +101,86 @@ def positions_from_mask(
     if mask is None:
         return torch.arange(t, device=device).expand(batch_size, t)
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class DecodeState:
+    """What a batch carries between a model's ``step`` calls (returned by its ``start``).
+
+    Cached: ``caches`` holds one (self cache, cross cache or None) pair per block. Slow twin
+    (``caches`` None): every decoder input so far (``tokens``, ``mask``) and the encoder
+    output, run in full at each step. Rows are whatever the generation loop makes of them
+    (prompts, samples, beams); ``reorder`` moves every per-row tensor and cache along.
+    """
+
+    positions: Tensor  # (B, 1) position of each row's next token
+    capacity: int | None  # most tokens (prompt + new) a row may hold; None: no limit
+    caches: list[tuple[Cache, Cache | None]] | None = None
+    tokens: Tensor | None = None  # (B, t) slow twin: every decoder input so far
+    mask: Tensor | None = None  # (B, t) slow twin: real tokens of ``tokens``, None if all
+    memory: Tensor | None = None  # (B, S, dim) slow twin: encoder output
+    memory_mask: Tensor | None = None  # (B, S) slow twin: real source tokens
+
+    def __post_init__(self) -> None:
+        self.positions = static_address(self.positions.clone())  # advanced in place
+
+    def _cache_list(self) -> list[Cache]:
+        return [c for pair in self.caches or () for c in pair if c is not None]
+
+    @property
+    def nbytes(self) -> int:
+        held = (self.tokens, self.mask, self.memory, self.memory_mask)
+        return sum(c.nbytes for c in self._cache_list()) + sum(
+            t.numel() * t.element_size() for t in held if t is not None
+        )
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i becomes old row ``rows[i]``; ``rows`` may change the number of rows (a
+        prefilled batch expanding into samples or beams)."""
+        if rows.shape[0] == self.positions.shape[0]:
+            self.positions.copy_(self.positions.index_select(0, rows))
+        else:
+            self.positions = static_address(self.positions.index_select(0, rows))
+        for name in ("tokens", "mask", "memory", "memory_mask"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, rows))
+        for cache in self._cache_list():
+            cache.reorder(rows)
+
+    def rollback(self, n: int) -> int:
+        """Forget the last ``n`` tokens of every row (speculative decoding's rejected drafts).
+
+        Returns how many tokens before them had to go too (a recurrent state only returns to
+        a saved point); the caller feeds those again with ``step``.
+        """
+        caches = [pair[0] for pair in self.caches or ()]  # cross caches hold the source
+        done = [c.rollback(n) for c in caches]
+        back = max(done, default=n)
+        for cache, m in zip(caches, done, strict=True):
+            if m < back and cache.rollback(back - m) != back - m:
+                raise ValueError(f"caches disagree on how far back they can roll: {done}")
+        self.positions.sub_(back)
+        if self.tokens is not None and back:
+            self.tokens = self.tokens[:, :-back]
+            self.mask = None if self.mask is None else self.mask[:, :-back]
+        return back - n
+
+    def next_positions(self, t: int) -> Tensor:
+        """Positions (B, T) of ``t`` new tokens; moves the state past them."""
+        positions = self.positions + torch.arange(t, device=self.positions.device)  # (B, T)
+        self.positions.add_(t)
+        return positions
+
+    def extend(self, tokens: Tensor) -> None:
+        """Slow twin: append ``tokens`` (B, T) to the inputs run at each step."""
+        self.tokens = torch.cat((self.tokens, tokens), dim=1)
+        if self.mask is not None:
+            self.mask = torch.cat((self.mask, torch.ones_like(tokens, dtype=torch.bool)), dim=1)
+        self.positions.add_(tokens.shape[1])
+
+
+def decode_capacity(caches: list[tuple[Cache, Cache | None]], max_len: int) -> int | None:
+    """The model's context ``max_len`` if some self-attention cache fills up (grows with the
+    sequence), else None: O(window) and O(1) caches decode past it (RoPE takes any position;
+    quality past the trained length is another matter)."""
+    return max_len if any(c.capacity is not None for c, _ in caches) else None

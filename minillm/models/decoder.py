@@ -1,4 +1,9 @@
-"""Decoder-only language model: embeddings -> causal blocks -> RMSNorm -> tied LM head."""
+"""Decoder-only language model: embeddings -> causal blocks -> RMSNorm -> tied LM head.
+
+Generation goes through two calls (``minillm.generation`` runs every search over them):
+``start`` prefills a left-padded prompt batch and returns the last position's logits and a
+``DecodeState``; ``step`` feeds new tokens and returns their logits.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from minillm.models.block import Block, init_block_weights, positions_from_mask
+from minillm.attention import Cache
+from minillm.models.block import (
+    Block,
+    DecodeState,
+    decode_capacity,
+    dropout,
+    init_block_weights,
+    positions_from_mask,
+)
 from minillm.models.config import ModelConfig
 
 
@@ -16,7 +29,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.attn, "causal") for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -70,8 +83,11 @@ class DecoderLM(nn.Module):
         max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> list[Any]:
-        """One cache per block, each of its attention kind's own type."""
+        *,
+        lookahead: int = 0,
+    ) -> list[tuple[Cache, None]]:
+        """One (cache, None) pair per block, each cache of its attention kind's own type;
+        ``lookahead`` tokens may be written past ``max_len`` and rolled back."""
         param = self.tok_emb.weight
         return [
             block.init_cache(
@@ -79,9 +95,48 @@ class DecoderLM(nn.Module):
                 max_len or self.cfg.max_len,
                 device or param.device,
                 dtype or param.dtype,
+                lookahead=lookahead,
             )
             for block in self.blocks
         ]
+
+    def start(
+        self,
+        input_ids: Tensor,
+        *,
+        mask: Tensor | None = None,
+        max_new_tokens: int = 0,
+        use_cache: bool = True,
+        lookahead: int = 0,
+    ) -> tuple[Tensor, DecodeState]:
+        """Prefill the prompts (B, T), left-padded with ``mask`` (B, T) True for real tokens.
+
+        Returns the logits (B, vocab) of each row's next token and the state ``step`` takes.
+        Caches hold T + ``max_new_tokens`` tokens (at most T + ``max_len``: no row may go
+        past its context), plus ``lookahead`` tokens a step may write and ``rollback``
+        (speculative decoding). ``use_cache=False`` keeps the inputs instead: every step reruns
+        the full forward (the slow twin).
+        """
+        b, t = input_ids.shape
+        positions = positions_from_mask(mask, b, t, input_ids.device)  # (B, T)
+        if not use_cache:
+            capacity = decode_capacity(self.init_caches(1, 1), self.cfg.max_len)
+            state = DecodeState(positions[:, -1:] + 1, capacity, tokens=input_ids, mask=mask)
+            return self.lm_head(self.hidden_states(input_ids, mask=mask)[:, -1]), state
+        caches = self.init_caches(b, t + min(max_new_tokens, self.cfg.max_len), lookahead=lookahead)
+        h = self.hidden_states(input_ids, positions=positions, mask=mask, caches=caches)
+        capacity = decode_capacity(caches, self.cfg.max_len)
+        state = DecodeState(positions[:, -1:] + 1, capacity, caches=caches)
+        return self.lm_head(h[:, -1]), state  # (B, vocab)
+
+    def step(self, tokens: Tensor, state: DecodeState) -> Tensor:
+        """tokens (B, T) following the state's -> logits (B, T, vocab); advances the state."""
+        t = tokens.shape[1]
+        if state.caches is None:
+            state.extend(tokens)
+            return self.lm_head(self.hidden_states(state.tokens, mask=state.mask)[:, -t:])
+        positions = state.next_positions(t)  # (B, T)
+        return self.lm_head(self.hidden_states(tokens, positions=positions, caches=state.caches))
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -6,6 +6,9 @@ Encoder blocks use ``cfg.encoder_attn`` in the ``bidirectional`` role; decoder b
 ``{"kind": key, **knobs}``; a kind that cannot fill its role fails at build time, naming the
 kinds that can. ``share_embeddings`` uses one table for source and target tokens (one joint
 tokenizer); the output head is tied to the target table when ``tie_embeddings``.
+
+Generation goes through ``start`` (encoder pass, cross caches filled once, decoder prompt
+prefilled) and ``step`` (new decoder tokens), as for ``DecoderLM``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from minillm.models.block import Block, init_block_weights, positions_from_mask
+from minillm.attention import Cache
+from minillm.models.block import (
+    Block,
+    DecodeState,
+    decode_capacity,
+    dropout,
+    init_block_weights,
+    positions_from_mask,
+)
 from minillm.models.config import ModelConfig
 
 
@@ -26,7 +37,7 @@ class EncoderDecoderLM(nn.Module):
         n_encoder = cfg.n_layers if cfg.n_encoder_layers is None else cfg.n_encoder_layers
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)  # target (and shared source)
         self.src_emb = None if cfg.share_embeddings else nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
         self.encoder = nn.ModuleList(
             Block(cfg, cfg.encoder_attn, "bidirectional") for _ in range(n_encoder)
         )
@@ -71,9 +82,9 @@ class EncoderDecoderLM(nn.Module):
     ) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), attending to ``memory`` (B, S, dim).
 
-        ``caches`` from ``init_caches``: the call appends to the self-attention caches and, on
-        the first call, fills the cross-attention caches from ``memory`` (afterwards
-        ``memory`` may be None). With caches, pass ``positions`` after the first call.
+        ``caches`` from ``init_caches``: the call appends to the self-attention caches; a call
+        given ``memory`` writes the cross-attention caches from it, a call with ``memory=None``
+        reads them. With caches, pass ``positions`` after the first call.
         """
         return self.lm_head(
             self.decode_hidden(
@@ -172,10 +183,13 @@ class EncoderDecoderLM(nn.Module):
         memory_len: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> list[Any]:
+        *,
+        lookahead: int = 0,
+    ) -> list[tuple[Cache, Cache]]:
         """One (self cache, cross cache) pair per decoder block, each of its kind's own type.
 
-        ``max_len`` target tokens (default ``cfg.max_len``), ``memory_len`` source tokens.
+        ``max_len`` target tokens (default ``cfg.max_len``; ``lookahead`` more may be written
+        and rolled back), ``memory_len`` source tokens.
         """
         param = self.tok_emb.weight
         return [
@@ -185,9 +199,57 @@ class EncoderDecoderLM(nn.Module):
                 device or param.device,
                 dtype or param.dtype,
                 memory_len=memory_len,
+                lookahead=lookahead,
             )
             for block in self.decoder
         ]
+
+    def start(
+        self,
+        input_ids: Tensor,
+        *,
+        src_ids: Tensor,
+        src_mask: Tensor | None = None,
+        mask: Tensor | None = None,
+        max_new_tokens: int = 0,
+        use_cache: bool = True,
+        lookahead: int = 0,
+    ) -> tuple[Tensor, DecodeState]:
+        """Encode the sources (B, S) and prefill the decoder prompts (B, T) (``<bos>``, and any
+        forced prefix; left-padded with ``mask``). Returns the logits (B, vocab) of each row's
+        next token and the state ``step`` takes; see ``DecoderLM.start`` (``lookahead``
+        included)."""
+        memory = self.encode(src_ids, src_mask)  # (B, S, dim)
+        b, t = input_ids.shape
+        positions = positions_from_mask(mask, b, t, input_ids.device)  # (B, T)
+        if not use_cache:
+            capacity = decode_capacity(self.init_caches(1, 1), self.cfg.max_len)
+            state = DecodeState(
+                positions[:, -1:] + 1, capacity, None, input_ids, mask, memory, src_mask
+            )
+            h = self.decode_hidden(input_ids, memory, memory_mask=src_mask, mask=mask)
+            return self.lm_head(h[:, -1]), state
+        max_len = t + min(max_new_tokens, self.cfg.max_len)
+        caches = self.init_caches(b, max_len, memory_len=memory.shape[1], lookahead=lookahead)
+        h = self.decode_hidden(
+            input_ids, memory, memory_mask=src_mask, mask=mask, positions=positions, caches=caches
+        )  # (B, T, dim); fills the cross caches from the memory, once
+        capacity = decode_capacity(caches, self.cfg.max_len)
+        state = DecodeState(positions[:, -1:] + 1, capacity, caches=caches)
+        return self.lm_head(h[:, -1]), state  # (B, vocab)
+
+    def step(self, tokens: Tensor, state: DecodeState) -> Tensor:
+        """tokens (B, T) following the state's -> logits (B, T, vocab); advances the state."""
+        t = tokens.shape[1]
+        if state.caches is None:
+            state.extend(tokens)
+            h = self.decode_hidden(
+                state.tokens, state.memory, memory_mask=state.memory_mask, mask=state.mask
+            )
+            return self.lm_head(h[:, -t:])
+        positions = state.next_positions(t)  # (B, T)
+        h = self.decode_hidden(tokens, None, positions=positions, caches=state.caches)
+        return self.lm_head(h)  # (B, T, vocab)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
