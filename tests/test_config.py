@@ -32,6 +32,7 @@ REQUIRED = {
     ("data", "instructions"): ["data.files=[x.jsonl]"],
     ("data", "hf"): ["data.name=x"],
     ("experiment", "finetune"): ["init_from=x"],
+    ("data", "imagefolder"): ["data.path=x", "model.arch=vit"],
 }
 SCHEMAS = {"model": ModelConfig, "trainer": TrainerConfig, "optim": OptimConfig}
 SCHEMAS["logger"] = LoggerConfig

@@ -238,7 +238,7 @@ BAD = {
     "mode=sideways": "mode='sideways': choose one of recurrent, window",
     "window=8 stride=16": "stride=16: must be at most window=8",
     "strid=3": "unknown option strid; valid keys there: .*stride",
-    "data=nope": "valid choices for data: hf, instructions, sotu, text, translation",
+    "data=nope": "valid choices for data: .*hf, .*sotu, text, translation",
     "data=text": "data.files is empty",
     "data=text data.files=[a] data.fles=1": r"unknown data config keys \['fles'\]",
     "data=translation": "not data.task=translation; score a translation checkpoint with metric=b",

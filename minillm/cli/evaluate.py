@@ -1,10 +1,12 @@
 """``python scripts/evaluate.py`` / ``minillm-evaluate``: perplexity and bits per byte
-(``metric=ppl``) or BLEU and chrF (``metric=bleu``) of a checkpoint or an exported folder.
+(``metric=ppl``), BLEU and chrF (``metric=bleu``) or image classification accuracy
+(``metric=accuracy``) of a checkpoint or an exported folder.
 
     minillm-evaluate ckpt=outputs/<run>/checkpoints/best.ckpt        # its held-out documents
     minillm-evaluate ckpt=... data=text 'data.files=[notes.txt]' stride=64    # your documents
     minillm-evaluate ckpt=... data=hf data.name=<save_to_disk folder> data.split=test
     minillm-evaluate metric=bleu ckpt=... data.test_file=test.jsonl num_beams=5
+    minillm-evaluate metric=accuracy ckpt=outputs/<run>/checkpoints/best.ckpt  # its test split
 
 Which documents ``metric=ppl`` scores:
 
@@ -20,7 +22,14 @@ Which documents ``metric=ppl`` scores:
 
 ``metric=bleu`` reads the test set from the ``data.*`` keys given (``data.test_file`` and
 optionally ``data.src_field``, ``data.tgt_field``, ``data.format``, or ``data=translation``);
-``minillm.evaluation.bleu.run_bleu`` does the work. Results are printed and written as JSON
+``minillm.evaluation.bleu.run_bleu`` does the work.
+
+``metric=accuracy`` (``model.arch=vit``) reports top-1 and top-5 accuracy on ``split=test``
+(default; or ``train``, ``validation``) of the checkpoint's own image data config, the same
+seeded split training used, with any ``data.<key>=`` put over it (``data.path=`` another folder
+with the same classes). ``data=digits`` or ``data=imagefolder`` give a whole data config
+instead (imagefolder then needs ``data.image_size=`` and ``data.channels=``: no model group
+here to take them from). Results are printed and written as JSON
 (``out``, default ``<checkpoint>.<metric>.json`` beside the checkpoint or folder).
 """
 
@@ -35,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -43,31 +53,39 @@ from minillm.checkpoint import load_pretrained, read_checkpoint
 from minillm.cli.app import hydra_app
 from minillm.cli.devices import resolve_device
 from minillm.data import DataConfig, load_documents
+from minillm.data.images import ImageDataModule, class_hits
 from minillm.data.instructions import InstructionsConfig, InstructionsDataModule, format_prompt
 from minillm.data.translation import TranslationDataConfig
 from minillm.evaluation import perplexity
 from minillm.evaluation.bleu import BleuOptions, run_bleu
 from minillm.evaluation.perplexity import SCORERS
+from minillm.training.run import DATA_MODULES
 
 PPL_BATCH_SIZE = 16  # windows a forward call
 PPL_ONLY = ("split", "mode", "window", "stride")
 BLEU_ONLY = ("num_beams", "length_penalty", "max_new_tokens", "output", "on_malformed")
 BLEU_DATA_KEYS = ("test_file", "src_field", "tgt_field", "format")  # what run_bleu reads
+ACCURACY_BATCH_SIZE = 256  # images a forward call
+# each metric's own options: those of another metric must keep their defaults
+OWN_OPTIONS = {"ppl": PPL_ONLY, "bleu": BLEU_ONLY, "accuracy": ("split",)}
+SPLITS = {"ppl": ("all", "train", "validation"), "accuracy": ("train", "validation", "test")}
+IMAGE_TASKS = {k: m for k, m in DATA_MODULES.items() if issubclass(m, ImageDataModule)}
 
 
 @dataclass
 class EvaluateConfig:
-    """conf/evaluate.yaml: the options of both metrics; those of the other metric must keep
+    """conf/evaluate.yaml: the options of every metric; those of another metric must keep
     their defaults (a ``stride`` given with ``metric=bleu`` is a mistake, not ignored)."""
 
-    metric: str = "ppl"  # ppl | bleu
+    metric: str = "ppl"  # ppl | bleu | accuracy
     ckpt: str = MISSING  # a .ckpt file or an exported folder (minillm-export)
     data: dict[str, Any] = field(default_factory=dict)  # data=<option> or data.<key>=...
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     out: str | None = None  # results JSON; default <checkpoint>.<metric>.json beside it
-    batch_size: int | None = None  # windows (ppl: 16) or sentences (bleu: 32) a forward call
+    batch_size: int | None = None  # windows (ppl: 16), sentences (bleu: 32), images (256)
+    # metric=ppl and metric=accuracy
+    split: str | None = None  # ppl: all|train|validation; accuracy: train|validation|test
     # metric=ppl
-    split: str | None = None  # all | train | validation; default: see the module docstring
     mode: str = "window"  # window (sliding window, every kind) | recurrent (one cached pass)
     window: int | None = None  # tokens of context; default the model's max_len
     stride: int | None = None  # tokens a window advances (or a recurrent call reads); window//2
@@ -80,7 +98,8 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         checks.choice("metric", self.metric, METRICS)
-        checks.choice("split", self.split, (None, "all", "train", "validation"))
+        if self.metric in SPLITS:
+            checks.choice("split", self.split, (None, *SPLITS[self.metric]))
         checks.choice("mode", self.mode, sorted(SCORERS))
         for key in ("batch_size", "window", "stride", "max_new_tokens"):
             checks.integer(key, getattr(self, key), optional=True)
@@ -93,11 +112,11 @@ class EvaluateConfig:
         self._check_other_metric_untouched()
 
     def _check_other_metric_untouched(self) -> None:
-        other = BLEU_ONLY if self.metric == "ppl" else PPL_ONLY
+        mine = OWN_OPTIONS[self.metric]
+        other = dict.fromkeys(k for keys in OWN_OPTIONS.values() for k in keys if k not in mine)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         changed = [k for k in other if getattr(self, k) != defaults[k]]
         if changed:
-            mine = PPL_ONLY if self.metric == "ppl" else BLEU_ONLY
             raise ValueError(
                 f"{changed[0]}={getattr(self, changed[0])!r} is not an option of "
                 f"metric={self.metric} (its own: {', '.join(mine)}); drop it or change metric="
@@ -110,6 +129,9 @@ def validate(cfg: dict[str, Any]) -> EvaluateConfig:
     args = EvaluateConfig(**cfg)
     if args.metric == "bleu":
         BleuOptions.parse(bleu_options(args, "cpu"))
+    elif args.metric == "accuracy":
+        if "task" in args.data:
+            image_data_config(args.data)
     elif "task" in args.data:  # data=<option>: a whole data config
         data_config(args.data)
     return args
@@ -216,7 +238,66 @@ def run_ppl(args: EvaluateConfig, device: str) -> dict[str, Any]:
     }
 
 
-METRICS = {"ppl": run_ppl, "bleu": lambda args, device: run_bleu(bleu_options(args, device))}
+def image_data_config(data: dict[str, Any]) -> Any:
+    """``data`` as its image task's config dataclass; another task is an error."""
+    task = data.get("task", "lm")
+    if task not in IMAGE_TASKS:
+        raise ValueError(
+            f"metric=accuracy scores images (data={'|'.join(IMAGE_TASKS)}), not data.task={task}"
+        )
+    return IMAGE_TASKS[task].Config.coerce(data)
+
+
+def accuracy_data(args: EvaluateConfig) -> Any:
+    """The image data config to score: ``data=<option>``'s, else the checkpoint's with the
+    ``data.<key>=`` given put over it."""
+    if "task" in args.data:
+        return image_data_config(args.data)
+    if Path(args.ckpt).is_dir():
+        raise ValueError(
+            f"{args.ckpt} is an exported folder, which carries no data config: name the "
+            "images with data=<option>, e.g. data=digits"
+        )
+    hparams = read_checkpoint(args.ckpt, verify=False, mmap=True).get("hyper_parameters", {})
+    if not hparams.get("data"):
+        raise ValueError(f"{args.ckpt} carries no data config; pass data=digits or imagefolder")
+    return image_data_config({**hparams["data"], **args.data})
+
+
+def run_accuracy(args: EvaluateConfig, device: str) -> dict[str, Any]:
+    """Top-1 and top-5 accuracy of an image classifier on one split of its data."""
+    cfg = accuracy_data(args)
+    if args.batch_size:
+        cfg = dataclasses.replace(cfg, eval_batch_size=args.batch_size)
+    model, tokenizer = load_pretrained(args.ckpt, map_location=device)
+    module = IMAGE_TASKS[cfg.task]
+    data = module(cfg, max_len=1, batch_size=ACCURACY_BATCH_SIZE, tokenizer=tokenizer)
+    data.setup("test")
+    split, start = args.split or "test", time.perf_counter()
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # [top-1, top-5, images]
+    with torch.inference_mode():
+        for batch in data.eval_dataloader(split):
+            counts += class_hits(model, {k: v.to(device) for k, v in batch.items()})
+    top1, top5, n = (int(c) for c in counts)
+    print(f"accuracy {top1 / n:.4f} ({top1}/{n}), top-5 {top5 / n:.4f} ({split} split)")
+    return {
+        "metric": "accuracy",
+        "ckpt": args.ckpt,
+        "data": dataclasses.asdict(cfg),
+        "split": split,
+        "attn": model.cfg.attn["kind"],
+        "accuracy": top1 / n,
+        "top5_accuracy": top5 / n,
+        "images": n,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+METRICS = {
+    "ppl": run_ppl,
+    "bleu": lambda args, device: run_bleu(bleu_options(args, device)),
+    "accuracy": run_accuracy,
+}
 
 
 def _cache_dir() -> str:

@@ -10,13 +10,15 @@ from minillm.models.block import Block
 from minillm.models.config import ModelConfig
 from minillm.models.decoder import DecoderLM
 from minillm.models.encoder_decoder import EncoderDecoderLM
+from minillm.models.vit import ViT
 
 MODELS: dict[str, type[nn.Module]] = {
     "decoder": DecoderLM,
     "encoder_decoder": EncoderDecoderLM,
+    "vit": ViT,
 }
 
-__all__ = ["MODELS", "Block", "DecoderLM", "EncoderDecoderLM", "ModelConfig", "build_model"]
+__all__ = ["MODELS", "Block", "DecoderLM", "EncoderDecoderLM", "ModelConfig", "ViT", "build_model"]
 
 
 def build_model(cfg: ModelConfig | dict[str, Any]) -> nn.Module:

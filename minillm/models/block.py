@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from minillm.attention import Cache, build_attention
 from minillm.attention.cache import static_address
 from minillm.models.config import ModelConfig
-from minillm.models.mlp import SwiGLU
+from minillm.models.mlp import build_mlp
 
 
 class Block(nn.Module):
@@ -30,7 +30,7 @@ class Block(nn.Module):
             self.cross_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
             self.cross_attn = build_attention(cross_attn, cfg.dim, cfg.n_heads, "cross")
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+        self.mlp = build_mlp(cfg.mlp, cfg.dim, cfg.hidden)
         self.dropout = dropout(cfg.dropout)
 
     def forward(

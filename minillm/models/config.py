@@ -9,10 +9,14 @@ import torch
 
 from minillm import checks
 from minillm.attention import build_attention
+from minillm.models.mlp import build_mlp
 
 N_SPECIAL_TOKENS = 4  # <pad> <bos> <eos> <unk> (minillm.data.tokenizer.SPECIAL_TOKENS)
 
-ARCHS = ("decoder", "encoder_decoder")
+ARCHS = ("decoder", "encoder_decoder", "vit")
+# the role of ``attn`` (the self-attention of the main stack) in each architecture
+SELF_ROLE = {"decoder": "causal", "encoder_decoder": "causal", "vit": "bidirectional"}
+POOLS = ("mean", "cls")
 
 
 @dataclass
@@ -25,6 +29,8 @@ class ModelConfig:
     max_len: int = 256  # training context; also the default generation cache size
     dropout: float = 0.0
     mlp_hidden: int | None = None  # None: SwiGLU width 8/3 * dim rounded up to a multiple of 64
+    # feed-forward: a registry key (minillm/models/mlp.py MLPS) or {"kind": ..., **knobs}
+    mlp: Any = "swiglu"
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -35,12 +41,23 @@ class ModelConfig:
     encoder_attn: Any = "mha"
     cross_attn: Any = "mha"
     share_embeddings: bool = True  # one embedding table for source and target
+    # vit only: square images -> classes; ``attn`` is its bidirectional self-attention, and
+    # vocab_size, max_len and tie_embeddings are unused (the head is ``n_classes`` wide)
+    image_size: int = 32  # pixels a side; the data must deliver (channels, size, size)
+    patch_size: int = 4  # pixels a side of a patch; must divide image_size
+    channels: int = 3
+    n_classes: int | None = None  # None: vocab_size, which train() sets to the data's classes
+    pool: str = "mean"  # "mean" of the patch states, or a learned "cls" token's state
 
     def __post_init__(self) -> None:
         checks.choice("model.arch", self.arch, ARCHS)
-        for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_len"):
+        for key in ("dim", "n_layers", "n_heads", "max_len"):
             checks.integer(f"model.{key}", getattr(self, key))
-        if self.vocab_size <= N_SPECIAL_TOKENS:
+        if self.arch == "vit":
+            self._check_vit()
+        else:
+            checks.integer("model.vocab_size", self.vocab_size)
+        if self.arch != "vit" and self.vocab_size <= N_SPECIAL_TOKENS:
             raise ValueError(
                 f"model.vocab_size={self.vocab_size}: must be larger than the "
                 f"{N_SPECIAL_TOKENS} special tokens"
@@ -56,15 +73,35 @@ class ModelConfig:
                 "choose a dim that is a multiple of n_heads"
             )
         self._check_attention()
+        self._check_mlp()
 
     def _check_attention(self) -> None:
         """Build each attention config on the meta device: its own checks run, no memory."""
-        roles = [(self.attn, "causal")]
+        roles = [(self.attn, SELF_ROLE[self.arch])]
         if self.arch == "encoder_decoder":
             roles += [(self.encoder_attn, "bidirectional"), (self.cross_attn, "cross")]
         with torch.device("meta"):
             for attn, role in roles:
                 build_attention(attn, self.dim, self.n_heads, role)
+
+    def _check_vit(self) -> None:
+        """Image and head sizes; vocab_size may be None here (no tokenizer)."""
+        for key in ("image_size", "patch_size", "channels"):
+            checks.integer(f"model.{key}", getattr(self, key))
+        checks.integer("model.n_classes", self.n_classes, 2, optional=True)
+        checks.integer("model.vocab_size", self.vocab_size, 2, optional=True)
+        checks.choice("model.pool", self.pool, POOLS)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.patch_size={self.patch_size}: must divide model.image_size="
+                f"{self.image_size} (e.g. model.patch_size="
+                f"{max(d for d in range(1, self.patch_size) if self.image_size % d == 0)})"
+            )
+
+    def _check_mlp(self) -> None:
+        """Build the feed-forward on the meta device: its Config's checks run, no memory."""
+        with torch.device("meta"):
+            build_mlp(self.mlp, self.dim, self.hidden)
 
     @property
     def hidden(self) -> int:

@@ -2,10 +2,12 @@
 
 Counts 2 FLOPs per multiply-add of every matmul: the ``nn.Linear`` layers (MLP, LM head) and,
 by kind, each attention module's own count (``Attention.flops_per_token``: its projections
-plus its token mixing). Embedding lookups, norms, activations, RoPE and the loss are
-elementwise and not counted (PaLM appendix B, nanoGPT, torchtitan do the same). Training is
-3x the forward (the backward computes two matmuls per forward one); activation
-recomputation is not counted, as MFU requires.
+plus its token mixing) and each mixture of experts' (``MoEMLP.flops_per_token``: the router
+and the experts a token is routed to, so MoE FLOPs and MFU count active parameters only).
+Embedding lookups, norms, activations, RoPE and the loss are elementwise and not counted
+(PaLM appendix B, nanoGPT, torchtitan do the same). Training is 3x the forward (the backward
+computes two matmuls per forward one); activation recomputation is not counted, as MFU
+requires.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from minillm.attention import Attention
+from minillm.models.moe import MoEMLP
 
 
 def forward_flops_per_token(model: nn.Module, context: int) -> float:
@@ -22,14 +25,16 @@ def forward_flops_per_token(model: nn.Module, context: int) -> float:
     encoder-decoder it assumes source length = target length = ``context``. Raises
     ``NotImplementedError`` if an attention kind does not count its FLOPs.
     """
-    attention = [m for m in model.modules() if isinstance(m, Attention)]
-    inside = {id(sub) for attn in attention for sub in attn.modules()}
+    counted = [m for m in model.modules() if isinstance(m, Attention | MoEMLP)]
+    inside = {id(sub) for module in counted for sub in module.modules()}
     dense = sum(
         2 * m.in_features * m.out_features
         for m in model.modules()
         if isinstance(m, nn.Linear) and id(m) not in inside
     )
-    return float(dense + sum(attn.flops_per_token(context) for attn in attention))
+    attention = sum(m.flops_per_token(context) for m in counted if isinstance(m, Attention))
+    experts = sum(m.flops_per_token() for m in counted if isinstance(m, MoEMLP))
+    return float(dense + attention + experts)
 
 
 def train_flops_per_token(model: nn.Module, context: int) -> float:

@@ -5,6 +5,11 @@ gates), so the same ``dim``/``n_layers`` gives different model sizes. ``match_pa
 the SwiGLU MLP (3 * dim * hidden weights a block, the only size knob independent of the
 attention kind) the difference, so that every kind has the reference kind's parameter count
 to within ``n_layers * 1.5 * dim`` parameters (rounding of ``hidden``).
+
+With ``mlp=moe`` the same width change applies to ``mlp_hidden``, from which each expert's
+width derives (``hidden // (top_k + shared_expert)``): the *active* parameters per token then
+match the reference's (to within the rounding by ``top_k``), while the total grows with the
+``n_experts - top_k`` idle experts. An explicit ``mlp.expert_hidden`` is left as given.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from minillm.models import ModelConfig, build_model
 from minillm.models.linear_cross_entropy import linear_cross_entropy
+from minillm.models.moe import MoEMLP
 from minillm.training.optim import OptimConfig, build_optimizer, warmup_cosine
 
 
@@ -67,6 +68,7 @@ class LMModule(L.LightningModule):
         self.last_val_step = -1  # global step of the latest validation
         self._last_loss = torch.zeros(())  # the latest training loss, for messages only
         self._val_sums: list[Tensor] = []
+        self._moe = [m for m in self.model.modules() if isinstance(m, MoEMLP)]
         self._hidden_states = self.model.hidden_states
         if compile:
             self._hidden_states = torch.compile(self.model.hidden_states)
@@ -98,13 +100,33 @@ class LMModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss_sum, n = self._loss_sum(batch, self.hparams.label_smoothing)
         loss = loss_sum / n.clamp(min=1)
-        self._last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
+        if self._moe:
+            loss = loss + self._moe_aux_loss()
+        self._last_loss = loss.detach()
         # A non-finite loss is still back-propagated (times NaN, so that every gradient is
         # NaN): the all-reduce then carries it to every rank, and on_before_optimizer_step
         # stops or skips on all of them alike. Returning None would leave the other ranks
         # waiting in the all-reduce.
         return loss * torch.where(loss.isfinite(), 1.0, torch.nan)
+
+    def _moe_aux_loss(self) -> Tensor:
+        """The weighted router losses of every MoE layer (set by the forward just run), to add
+        to the training loss; logs them unweighted (means over layers), the per-expert load
+        (fraction of routed slots, mean over layers), its min and max over layers and experts,
+        and the fraction of dropped tokens."""
+        loads = torch.stack([m.load for m in self._moe])  # (layers, experts)
+        metrics = {
+            "train/aux_loss": torch.stack([m.balance_loss for m in self._moe]).mean(),
+            "train/z_loss": torch.stack([m.z_loss for m in self._moe]).mean(),
+            "moe/load_min": loads.min(),
+            "moe/load_max": loads.max(),
+            "moe/dropped": torch.tensor(sum(m.dropped for m in self._moe) / len(self._moe)),
+            **{f"moe/load_{i}": load for i, load in enumerate(loads.mean(0))},
+        }
+        for name, value in metrics.items():
+            self.log(name, value.detach())
+        return torch.stack([m.aux_loss for m in self._moe]).sum()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip to ``trainer.gradient_clip_val``, log ``train/grad_norm``, stop or skip if not

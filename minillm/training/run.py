@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from minillm import checks
 from minillm.checkpoint import check_writable, read_checkpoint
 from minillm.data import LMDataModule
+from minillm.data.images import DigitsDataModule, ImageFolderDataModule
 from minillm.data.instructions import InstructionsDataModule
 from minillm.data.translation import TranslationDataModule
 from minillm.models import sizing
@@ -80,6 +81,8 @@ DATA_MODULES: dict[str, type[L.LightningDataModule]] = {
     "lm": LMDataModule,
     "instructions": InstructionsDataModule,
     "translation": TranslationDataModule,
+    "digits": DigitsDataModule,
+    "imagefolder": ImageFolderDataModule,
 }
 
 GROUPS = ("model", "attn", "data", "trainer", "optim", "logger", "experiment")
