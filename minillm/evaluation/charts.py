@@ -2,7 +2,8 @@
 
 ``plot_val_loss`` and ``plot_decode`` take the loaded runs (dicts from ``report.load_run``:
 ``kind``, ``name``, ``log`` metric -> {step: value}, ``decode`` context -> numbers),
-``plot_step_time`` the JSON of ``scripts/bench_attention.py``; each writes one PNG.
+``plot_step_time`` the JSON of ``scripts/bench_attention.py``, ``plot_recall`` the runs of the
+recall sweep (``minillm.evaluation.recall_report``); each writes one PNG.
 """
 
 from __future__ import annotations
@@ -80,6 +81,30 @@ def plot_step_time(bench: dict[str, Any], path: Path) -> None:
     ax.set_xticks([], minor=True)
     ax.set_title(f"attention training step, B={cfg.get('batch')} H={cfg.get('heads')} "
                  f"D={cfg.get('head_dim')}")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recall(runs: list[dict[str, Any]], path: Path) -> None:
+    """Recall accuracy against state bytes per layer, one line per kind across widths
+    (runs from ``recall_report.load_recall_run``: ``kind``, ``dim``, ``state_bytes``,
+    ``recall_acc``); each point is labelled with its width."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for kind in dict.fromkeys(r["kind"] for r in runs):
+        mine = sorted((r for r in runs if r["kind"] == kind), key=lambda r: r["state_bytes"])
+        x = [r["state_bytes"] / 2**10 for r in mine]
+        y = [100 * (r["recall_acc"] if r["recall_acc"] is not None else float("nan")) for r in mine]
+        ax.plot(x, y, marker="o", label=kind)
+        for r, xi, yi in zip(mine, x, y, strict=True):
+            ax.annotate(f"d{r['dim']}", (xi, yi), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)  # fmt: skip
+    ax.set(xscale="log", xlabel="state per layer (KiB, fp32; softmax kinds: KV cache at seq_len)",
+           ylabel="validation recall accuracy (%)", ylim=(-2, 102))  # fmt: skip
+    ax.set_title("MQAR recall against state size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

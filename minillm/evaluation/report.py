@@ -117,7 +117,7 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     return format(value, spec) + unit
 
 
-def _bytes(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
     if n is None:
         return "–"
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
@@ -142,7 +142,7 @@ def table(runs: list[dict[str, Any]], contexts: Sequence[int]) -> str:
             _fmt(r.get("peak_memory_mb"), ",.0f", " MiB"),
             _fmt(low.get("tokens_per_sec"), ".1f"),
             _fmt(high.get("tokens_per_sec"), ".1f"),
-            _bytes(high.get("cache_bytes")),
+            format_bytes(high.get("cache_bytes")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

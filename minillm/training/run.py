@@ -24,6 +24,7 @@ from minillm.checkpoint import check_writable, read_checkpoint
 from minillm.data import LMDataModule
 from minillm.data.images import DigitsDataModule, ImageFolderDataModule
 from minillm.data.instructions import InstructionsDataModule
+from minillm.data.mqar import MQARDataModule
 from minillm.data.translation import TranslationDataModule
 from minillm.models import sizing
 from minillm.training.finetune import (
@@ -81,6 +82,7 @@ DATA_MODULES: dict[str, type[L.LightningDataModule]] = {
     "lm": LMDataModule,
     "instructions": InstructionsDataModule,
     "translation": TranslationDataModule,
+    "mqar": MQARDataModule,
     "digits": DigitsDataModule,
     "imagefolder": ImageFolderDataModule,
 }

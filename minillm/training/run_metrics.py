@@ -13,12 +13,15 @@ plot validation loss against wall time, and tracks peak memory during ``fit``:
 
 ``write_run_metrics`` adds the final validation numbers and bits per byte: validation loss in
 bits times validation tokens per UTF-8 byte (the scored tokens of the validation blocks,
-decoded; ``<eos>`` scores but has no bytes, as in ``minillm.evaluation.perplexity``).
+decoded; ``<eos>`` scores but has no bytes, as in ``minillm.evaluation.perplexity``); with
+``data=mqar`` also ``recall_acc`` (the final ``val/recall_acc``). ``data`` and ``optim`` are the
+run's configs, ``seq_len`` its training input length (the data module's, else ``max_len``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import json
 import math
@@ -161,6 +164,8 @@ def write_run_metrics(
     module = trainer.lightning_module
     val_loss = trainer.callback_metrics.get("val/loss")
     val_loss = float(val_loss) if val_loss is not None else math.nan
+    recall = trainer.callback_metrics.get("val/recall_acc")  # data=mqar only
+    data_cfg = getattr(data, "cfg", None)
     per_byte = valid_tokens_per_byte(data)
     model = module.model
     metrics = {
@@ -169,8 +174,12 @@ def write_run_metrics(
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
         "model": module.model_cfg.to_dict(),
+        "data": dataclasses.asdict(data_cfg) if dataclasses.is_dataclass(data_cfg) else None,
+        "seq_len": getattr(data, "seq_len", module.model_cfg.max_len),  # training input length
+        "optim": dataclasses.asdict(module.optim_cfg),
         "val_loss": val_loss,
         "bits_per_byte": val_loss / math.log(2) * per_byte if per_byte else None,
+        "recall_acc": float(recall) if recall is not None else None,
         "train_tokens": timer.tokens,
         "train_s": timer.train_s,
         "val_s": timer.val_s,
