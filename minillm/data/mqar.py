@@ -11,8 +11,10 @@ within a sequence the keys are distinct, and so are the values. The queries ask 
 keys of the pairs, in random order; each is followed by its value, which is the only thing
 scored: the label at a query key's position is its value, -100 everywhere else (the pair
 region and the padding are never scored). Query places are uniform over every arrangement
-of the ``n_queries`` two-token blocks in the tail that does not overlap. Unlike Zoology the
-filler is ``<pad>`` (id 0), not random noise tokens: the model needs no mask for it.
+of the ``n_queries`` two-token blocks in the tail that does not overlap, and the filler is
+``<pad>`` (id 0; a token like any other, no mask). Zoology instead draws the gaps from a power
+law and fills with random tokens; at ``2 * (n_pairs + n_queries) = seq_len`` (as in
+``experiment=recall``) one filler token is left, so the two layouts nearly coincide.
 
 Sequence ``i`` of a split is a pure function of (``data.seed``, split, ``i``): its random
 numbers come from a Philox counter keyed by (seed, split) at counter ``i``, so any batch is

@@ -102,7 +102,9 @@ def plot_recall(runs: list[dict[str, Any]], path: Path) -> None:
         for r, xi, yi in zip(mine, x, y, strict=True):
             ax.annotate(f"d{r['dim']}", (xi, yi), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)  # fmt: skip
-    ax.set(xscale="log", xlabel="state per layer (KiB, fp32; softmax kinds: KV cache at seq_len)",
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(lambda value, _: f"{value:g}")
+    ax.set(xlabel="state per layer (KiB, fp32; softmax kinds: KV cache at seq_len)",
            ylabel="validation recall accuracy (%)", ylim=(-2, 102))  # fmt: skip
     ax.set_title("MQAR recall against state size")
     ax.grid(True, which="both", alpha=0.3)

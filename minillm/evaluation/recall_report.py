@@ -13,8 +13,8 @@ Runs of one (kind, width) that differ in learning rate (``experiment=recall`` sw
 rate) make one row: the best accuracy, its learning rate and every rate's accuracy.
 
 ``RecallReport`` writes the report when the sweep ends (a Hydra callback);
-``python -m minillm.evaluation.recall_report <sweep folder> [more folders]`` rewrites it, e.g.
-after adding runs from a second command into the same folder.
+``python -m minillm.evaluation.recall_report <out folder> [run or sweep folders...]`` writes it
+by hand, e.g. for the runs of two sweep commands together (the first folder when none follow).
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def render(runs: list[dict[str, Any]], root: Path) -> str:
         f"# Associative recall (MQAR): {root.name}\n",
         f"{n_runs} runs; {data.get('n_pairs')} key-value pairs and {queries} queries in "
         f"{first['seq_len']} tokens, vocabulary {data.get('vocab_size')}; "
-        f"{model['n_layers']} layers, {model['n_heads']} heads; {first.get('global_step')} "
+        f"n_layers {model['n_layers']}, n_heads {model['n_heads']}; {first.get('global_step')} "
         f"steps of {first.get('train_tokens', 0) // max(first.get('global_step') or 1, 1):,} "
-        f"tokens; trained on {first.get('device')} with {first.get('torch_threads')} threads.\n",
+        f"tokens; trained on {first.get('device')}, torch threads {first.get('torch_threads')}.\n",
         *([f"```\n{command}\n```\n"] if command else []),
         table(runs) + "\n",
         "- **val recall acc**: answers (the value after a queried key) predicted exactly by "
@@ -138,6 +138,7 @@ def write_recall_report(root: str | Path, runs: Sequence[str | Path] = ()) -> Pa
     each of ``runs``); returns the path of ``recall.md``."""
     root = Path(root)
     dirs = [d for r in (runs or [root]) for d in find_runs(r)]
+    root.mkdir(parents=True, exist_ok=True)
     if not dirs:
         raise FileNotFoundError(f"no run directory with a metrics.json in {root}")
     loaded = _order(best_per_point([load_recall_run(d) for d in dirs]))
@@ -170,5 +171,5 @@ class RecallReport(Callback):
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit("usage: python -m minillm.evaluation.recall_report <sweep folder> [folders...]")
-    print(write_recall_report(sys.argv[1], sys.argv[1:]).read_text())
+        sys.exit("usage: python -m minillm.evaluation.recall_report <out folder> [run folders...]")
+    print(write_recall_report(sys.argv[1], sys.argv[2:]).read_text())
