@@ -15,7 +15,8 @@ from conftest import ROOT, compose, tiny_overrides
 from safetensors import safe_open
 
 from minillm import load_checkpoint, load_pretrained, save_pretrained
-from minillm.checkpoint import CHECKSUMS, EXPORT_FILES, CheckpointError, tensor_crc32
+from minillm.checkpoint import EXPORT_FILES, CheckpointError
+from minillm.integrity import CHECKSUMS, tensor_crc32
 from minillm.models import build_model
 from minillm.training.run import train
 

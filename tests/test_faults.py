@@ -22,7 +22,8 @@ import torch
 from conftest import ROOT, compose, tiny_overrides
 
 from minillm import load_checkpoint, load_pretrained, save_pretrained
-from minillm.checkpoint import CheckpointError, named_tensors, read_checkpoint, write_atomic
+from minillm.checkpoint import CheckpointError, read_checkpoint, write_atomic
+from minillm.integrity import named_tensors
 from minillm.training.run import train
 from minillm.training.signals import StopOnSignal
 

@@ -19,13 +19,8 @@ from minillm import load_checkpoint
 from minillm.attention import kinds_for_role
 from minillm.checkpoint import read_checkpoint
 from minillm.cli.app import compose as compose_command
-from minillm.data.images import (
-    DigitsConfig,
-    DigitsDataModule,
-    ImageFolderDataModule,
-    ShiftedImageSet,
-    split_indices,
-)
+from minillm.data.imagefolder import ImageFolderDataModule
+from minillm.data.images import DigitsConfig, DigitsDataModule, ShiftedImageSet, split_indices
 from minillm.models import ModelConfig, build_model
 from minillm.training.module import LMModule
 from minillm.training.run import train

@@ -10,13 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from minillm.attention.base import ROLES, Attention
-from minillm.attention.cache import (
-    Cache,
-    KVCache,
-    RecurrentState,
-    RollingKVCache,
-    fixed_shape_decoding,
-)
+from minillm.attention.bounded_cache import RecurrentState, RollingKVCache
+from minillm.attention.cache import Cache, KVCache, fixed_shape_decoding
 from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.linear import LinearAttention
 from minillm.attention.local import LocalAttention

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.attention.base import Attention
-from minillm.attention.cache import RecurrentState
+from minillm.attention.bounded_cache import RecurrentState
 from minillm.attention.linear_ops import chunk_gla
 
 

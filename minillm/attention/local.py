@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.attention.base import Attention
-from minillm.attention.cache import RollingKVCache
+from minillm.attention.bounded_cache import RollingKVCache
 from minillm.attention.rope import apply_rope, rope_angles
 
 QUERY_BLOCK = 128  # queries per block; each block reads block + before + after keys

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,15 +48,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from minillm import checks
-from minillm.checkpoint import load_pretrained, read_checkpoint
+from minillm.checkpoint import load_pretrained
 from minillm.cli.app import hydra_app
 from minillm.cli.devices import resolve_device
-from minillm.data import DataConfig, load_documents
 from minillm.data.images import ImageDataModule, class_hits
-from minillm.data.instructions import InstructionsConfig, InstructionsDataModule, format_prompt
 from minillm.data.translation import TranslationDataConfig
 from minillm.evaluation import perplexity
 from minillm.evaluation.bleu import BleuOptions, run_bleu
+from minillm.evaluation.documents import DOCUMENTS, checkpoint_data, data_config
 from minillm.evaluation.perplexity import SCORERS
 from minillm.training.run import DATA_MODULES
 
@@ -160,54 +158,8 @@ def ppl_data(args: EvaluateConfig) -> tuple[Any, str]:
     """(the data config to score, the split): ``data=<option>``'s, else the checkpoint's."""
     if "task" in args.data:
         return data_config(args.data), args.split or "all"
-    if Path(args.ckpt).is_dir():
-        raise ValueError(
-            f"{args.ckpt} is an exported folder, which carries no data config: name the "
-            "documents with data=<option>, e.g. data=text 'data.files=[notes.txt]'"
-        )
-    hparams = read_checkpoint(args.ckpt, verify=False, mmap=True).get("hyper_parameters", {})
-    if not hparams.get("data"):
-        raise ValueError(f"{args.ckpt} carries no data config; pass data=<option>, e.g. data=text")
-    return data_config({**hparams["data"], **args.data}), args.split or "validation"
-
-
-def data_config(data: dict[str, Any]) -> Any:
-    """``data`` as its task's config dataclass; a task without documents is an error."""
-    task = data.get("task", "lm")
-    if task not in DOCUMENTS:
-        raise ValueError(
-            f"metric=ppl scores documents (data=sotu|text|hf, or data=instructions), not "
-            f"data.task={task}; score a translation checkpoint with metric=bleu"
-        )
-    return DOCUMENTS[task][0].coerce(data)
-
-
-def lm_documents(cfg: DataConfig, split: str, cache_dir: str) -> list[str]:
-    if split == "all" and cfg.source == "text" and not cfg.valid_files:
-        # no validation split to draw (it needs 2+ documents): every document once
-        cfg = dataclasses.replace(cfg, valid_files=cfg.files)
-        return list(load_documents(cfg, cache_dir)["train"]["text"])
-    splits = load_documents(cfg, cache_dir)
-    names = ("train", "validation") if split == "all" else (split,)
-    return [doc for name in names for doc in splits[name]["text"]]  # datasets 5: a Column
-
-
-def instruction_documents(cfg: InstructionsConfig, split: str, cache_dir: str) -> list[str]:
-    """Prompt (formatted with the template) + response of each record, as one document."""
-    if split == "all":
-        records = cfg.read(cfg.files)[: cfg.max_examples]
-        records += cfg.read(cfg.valid_files) if cfg.valid_files else []
-    else:  # the records training held out (or trained on): its own seeded split
-        train, valid = InstructionsDataModule(cfg, max_len=1, batch_size=1)._read_splits()
-        records = train if split == "train" else valid
-    return [format_prompt(prompt, cfg.template) + response for prompt, response in records]
-
-
-# data.task -> (its config dataclass, its documents for a split); translation has none.
-DOCUMENTS: dict[str, tuple[type, Callable[[Any, str, str], list[str]]]] = {
-    "lm": (DataConfig, lm_documents),
-    "instructions": (InstructionsConfig, instruction_documents),
-}
+    saved = checkpoint_data(args.ckpt, "data=text 'data.files=[notes.txt]'")
+    return data_config({**saved, **args.data}), args.split or "validation"
 
 
 def run_ppl(args: EvaluateConfig, device: str) -> dict[str, Any]:
@@ -253,15 +205,7 @@ def accuracy_data(args: EvaluateConfig) -> Any:
     ``data.<key>=`` given put over it."""
     if "task" in args.data:
         return image_data_config(args.data)
-    if Path(args.ckpt).is_dir():
-        raise ValueError(
-            f"{args.ckpt} is an exported folder, which carries no data config: name the "
-            "images with data=<option>, e.g. data=digits"
-        )
-    hparams = read_checkpoint(args.ckpt, verify=False, mmap=True).get("hyper_parameters", {})
-    if not hparams.get("data"):
-        raise ValueError(f"{args.ckpt} carries no data config; pass data=digits or imagefolder")
-    return image_data_config({**hparams["data"], **args.data})
+    return image_data_config({**checkpoint_data(args.ckpt, "data=digits"), **args.data})
 
 
 def run_accuracy(args: EvaluateConfig, device: str) -> dict[str, Any]:

@@ -2,13 +2,74 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from tokenizers import Tokenizer
+from torch import Tensor, nn
+
+
+def coerce_config(cls: type, cfg: Any, lists: tuple[str, ...] = ()) -> Any:
+    """``cfg`` (a ``cls``, or a mapping of its fields) as a ``cls``; unknown keys are an error.
+
+    Keys starting with "_" (Hydra's ``_target_`` and friends) are ignored; the ``lists``
+    fields, given as one string, become one-element lists.
+    """
+    if isinstance(cfg, cls):
+        return cfg
+    cfg = {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        raise ValueError(f"unknown data option(s) {unknown}; valid: {sorted(names)}")
+    for key in lists:
+        if isinstance(cfg.get(key), str):
+            cfg[key] = [cfg[key]]
+    return cls(**cfg)
+
+
+class ValidationCounts(Callback):
+    """Sums ``count(model, batch)`` over the validation split and the ranks, then ``report``s it.
+
+    ``LMModule.validation_step`` returns no logits (its fused loss never forms them), so a
+    metric beyond the loss runs the model once more on each validation batch. At the sizes
+    of the tasks that use it (MQAR, digits) that costs about one more validation, a small
+    part of a run. Subclasses set ``size`` (how many counts) and define the two methods.
+    """
+
+    size: ClassVar[int]
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(self.size, dtype=torch.long)
+
+    def count(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def report(self, pl_module: L.LightningModule, counts: Tensor) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.counts = torch.zeros(self.size, dtype=torch.long, device=pl_module.device)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict[str, Tensor],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        with trainer.precision_plugin.forward_context():
+            self.counts += self.count(pl_module.model, batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.report(pl_module, trainer.strategy.reduce(self.counts, reduce_op="sum"))  # over ranks
 
 
 class TrainingDataModule(L.LightningDataModule):

@@ -2,10 +2,8 @@
 
 - ``data=digits``: ``sklearn.datasets.load_digits`` (1,797 grayscale 8x8 images, 10 classes,
   bundled with scikit-learn, no download). Pixels 0..16 are scaled to [0, 1].
-- ``data=imagefolder data.path=<dir>``: one sub-folder per class (sorted names = class ids),
-  every image file in it read with PIL, converted to ``data.channels`` (1: grayscale, 3: RGB)
-  and resized to ``data.image_size`` (bilinear; the YAML ties both to the model's). The whole
-  folder is decoded once and held in memory as uint8: meant for small data sets.
+- ``data=imagefolder data.path=<dir>``: a folder of class sub-folders
+  (``minillm/data/imagefolder.py``).
 
 Batches are ``{"pixels": (B, C, S, S) float in [0, 1], "labels": (B, 1)}``: the ViT's
 ``hidden_states`` returns one pooled state per image, so the LM loss of ``LMModule`` is the
@@ -26,11 +24,9 @@ minillm checkpoint carries a tokenizer, and this one names the classes of the lo
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -43,10 +39,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from minillm import checks
-from minillm.data.base import TrainingDataModule
+from minillm.data.base import TrainingDataModule, ValidationCounts, coerce_config
 from minillm.data.sampler import ResumableBatchSampler
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGIT_CLASSES = 10
 
 
@@ -73,15 +68,8 @@ class ImageSplitConfig:
         checks.integer("data.eval_batch_size", self.eval_batch_size, optional=True)
 
     @classmethod
-    def coerce(cls, cfg: ImageSplitConfig | Mapping[str, Any]) -> Any:
-        if isinstance(cfg, cls):
-            return cfg
-        cfg = {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise ValueError(f"unknown data option(s) {unknown}; valid: {sorted(names)}")
-        return cls(**cfg)
+    def coerce(cls, cfg: Any) -> Any:
+        return coerce_config(cls, cfg)
 
 
 @dataclass
@@ -94,31 +82,6 @@ class DigitsConfig(ImageSplitConfig):
     def vocab_size(self) -> int:
         """The number of classes (what ``train`` passes to the model as vocab_size)."""
         return DIGIT_CLASSES
-
-
-@dataclass
-class ImageFolderConfig(ImageSplitConfig):
-    """The schema of conf/data/imagefolder.yaml."""
-
-    task: str = "imagefolder"  # selects ImageFolderDataModule
-    path: str | None = None  # a folder with one sub-folder of images per class
-    image_size: int = 32  # pixels a side after resizing; the YAML sets ${model.image_size}
-    channels: int = 3  # 1: grayscale, 3: RGB; the YAML sets ${model.channels}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks.integer("data.image_size", self.image_size)
-        checks.choice("data.channels", self.channels, (1, 3))
-
-    @property
-    def vocab_size(self) -> int | None:
-        """The number of classes (sub-folders), None while ``path`` is not a folder."""
-        folder = Path(self.path) if self.path else None
-        return len(class_folders(folder)) if folder and folder.is_dir() else None
-
-
-def class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def class_tokenizer(names: list[str]) -> Tokenizer:
@@ -295,42 +258,6 @@ class DigitsDataModule(ImageDataModule):
         return images, labels, [str(c) for c in digits.target_names], 16.0
 
 
-class ImageFolderDataModule(ImageDataModule):
-    """A folder of class sub-folders (module docstring)."""
-
-    Config = ImageFolderConfig
-
-    def __init__(self, data: ImageFolderConfig | Mapping[str, Any], **kwargs: Any) -> None:
-        super().__init__(data, **kwargs)
-        path = self.cfg.path
-        if not path or not Path(path).is_dir():
-            raise ValueError(
-                f"data.path={path}: name a folder with one sub-folder of images per class, "
-                "e.g. data.path=data/shapes"
-            )
-
-    def load(self) -> tuple[Tensor, Tensor, list[str], float]:
-        from PIL import Image
-
-        folders = class_folders(Path(self.cfg.path))
-        mode, size = ("L" if self.cfg.channels == 1 else "RGB"), self.cfg.image_size
-        images, labels = [], []
-        for label, folder in enumerate(folders):
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            for file in files:
-                with Image.open(file) as img:
-                    img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8).reshape(size, size, -1))
-                labels.append(label)
-        if len(folders) < 2 or len(set(labels)) < len(folders):
-            raise ValueError(
-                f"data.path={self.cfg.path}: needs 2+ class sub-folders, each with images "
-                f"({', '.join(IMAGE_SUFFIXES)}); found {len(folders)} folders, {len(labels)} images"
-            )
-        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, C, S, S)
-        return pixels, torch.tensor(labels), [f.name for f in folders], 255.0
-
-
 def class_hits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """[top-1 hits, top-5 hits, images] of a batch (top-k: k = min(5, classes))."""
     logits = model(batch["pixels"])  # (B, n_classes)
@@ -340,34 +267,15 @@ def class_hits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     return torch.stack([hits[:, 0].sum(), hits.any(-1).sum(), labels.new_tensor(len(labels))])
 
 
-class ClassAccuracy(Callback):
-    """Logs ``val/accuracy`` and ``val/top5_accuracy`` over the whole validation split.
+class ClassAccuracy(ValidationCounts):
+    """Logs ``val/accuracy`` and ``val/top5_accuracy`` over the whole validation split."""
 
-    ``LMModule.validation_step`` returns no logits (its fused loss never forms them), so this
-    runs the model once more on each validation batch. At these sizes that extra forward costs
-    about as much as validation itself, a small part of a run. Counts are summed over ranks.
-    """
+    size = 3  # [top-1 hits, top-5 hits, images]
 
-    def __init__(self) -> None:
-        self.counts = torch.zeros(3, dtype=torch.long)  # [top-1 hits, top-5 hits, images]
+    def count(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        return class_hits(model, batch)
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.counts = torch.zeros(3, dtype=torch.long, device=pl_module.device)
-
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: dict[str, Tensor],
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        with trainer.precision_plugin.forward_context():
-            self.counts += class_hits(pl_module.model, batch)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        counts = trainer.strategy.reduce(self.counts, reduce_op="sum")  # over ranks
+    def report(self, pl_module: L.LightningModule, counts: Tensor) -> None:
         top1, top5 = (counts[:2].double() / counts[2].clamp(min=1)).float()
         pl_module.log("val/accuracy", top1, prog_bar=True, sync_dist=False)
         pl_module.log("val/top5_accuracy", top5, sync_dist=False)

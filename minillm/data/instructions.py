@@ -14,7 +14,6 @@ training order is the ``ResumableBatchSampler`` stream over records: exact resum
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import logging
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from minillm import checks
 from minillm.checkpoint import read_checkpoint
-from minillm.data.base import TrainingDataModule
+from minillm.data.base import TrainingDataModule, coerce_config
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.sources import DataConfig, check_data_options
 from minillm.data.tokenizer import EOS_ID, PAD_ID, check_special_tokens, load_or_train_tokenizer
@@ -88,15 +87,8 @@ class InstructionsConfig:
             setattr(self, key, [value] if isinstance(value, str) else [str(v) for v in value])
 
     @classmethod
-    def coerce(cls, cfg: InstructionsConfig | Mapping[str, Any]) -> InstructionsConfig:
-        if isinstance(cfg, cls):
-            return cfg
-        cfg = {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise ValueError(f"unknown data option(s) {unknown}; valid: {sorted(names)}")
-        return cls(**cfg)
+    def coerce(cls, cfg: Any) -> Any:
+        return coerce_config(cls, cfg)
 
     def read(self, patterns: list[str]) -> list[tuple[str, str]]:
         """(prompt, response) pairs of every record; errors name the file and line."""

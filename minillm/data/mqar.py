@@ -25,7 +25,6 @@ in the ``ResumableBatchSampler`` order (exact resume, DDP shards); validation is
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from minillm import checks
-from minillm.data.base import TrainingDataModule
+from minillm.data.base import TrainingDataModule, ValidationCounts, coerce_config
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.tokenizer import PAD_ID, SPECIAL_TOKENS
 
@@ -99,15 +98,8 @@ class MQARConfig:
             )
 
     @classmethod
-    def coerce(cls, cfg: MQARConfig | Mapping[str, Any]) -> MQARConfig:
-        if isinstance(cfg, cls):
-            return cfg
-        cfg = {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise ValueError(f"unknown data option(s) {unknown}; valid: {sorted(names)}")
-        return cls(**cfg)
+    def coerce(cls, cfg: Any) -> Any:
+        return coerce_config(cls, cfg)
 
 
 def id_tokenizer(vocab_size: int) -> Tokenizer:
@@ -269,34 +261,14 @@ def answer_hits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     return torch.stack([(predicted == labels[answer]).sum(), answer.sum()])
 
 
-class RecallAccuracy(Callback):
-    """Logs ``val/recall_acc``: answers predicted exactly by argmax / answers, whole validation.
+class RecallAccuracy(ValidationCounts):
+    """Logs ``val/recall_acc``: answers predicted exactly by argmax / answers, whole validation."""
 
-    ``LMModule.validation_step`` returns no logits (its loss never forms them), so this runs
-    the model once more on every validation batch (``answer_hits``). At MQAR sizes that
-    doubles the cost of validation, which stays a small part of a run. Counts are summed
-    over ranks before dividing.
-    """
+    size = 2  # [correct, answers]
 
-    def __init__(self) -> None:
-        self.counts = torch.zeros(2, dtype=torch.long)  # [correct, answers]
+    def count(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        return answer_hits(model, batch)
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.counts = torch.zeros(2, dtype=torch.long, device=pl_module.device)
-
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: dict[str, Tensor],
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        with trainer.precision_plugin.forward_context():
-            self.counts += answer_hits(pl_module.model, batch)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        counts = trainer.strategy.reduce(self.counts, reduce_op="sum")  # over ranks
+    def report(self, pl_module: L.LightningModule, counts: Tensor) -> None:
         accuracy = counts[0].double() / counts[1].clamp(min=1)
         pl_module.log("val/recall_acc", accuracy.float(), prog_bar=True, sync_dist=False)

@@ -12,7 +12,6 @@ would, and DDP rank r takes every r-th batch of each global step.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from minillm import checks
-from minillm.data.base import TrainingDataModule
+from minillm.data.base import TrainingDataModule, coerce_config
 from minillm.data.parallel import Pair, read_hf_pairs, read_pairs
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.sources import DataConfig, check_data_options
@@ -85,18 +84,8 @@ class TranslationDataConfig:
             raise ValueError("data.name is not set: data.format=hf needs data.name=<dataset>")
 
     @classmethod
-    def coerce(cls, cfg: TranslationDataConfig | Mapping[str, Any]) -> TranslationDataConfig:
-        if isinstance(cfg, cls):
-            return cfg
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise ValueError(f"unknown data option(s) {unknown}; valid: {sorted(names)}")
-        for key in ("train_files", "valid_files"):
-            if isinstance(cfg.get(key), str):
-                cfg[key] = [cfg[key]]
-        return cls(**cfg)
+    def coerce(cls, cfg: Any) -> Any:
+        return coerce_config(cls, cfg, ("train_files", "valid_files"))
 
     def read(self, which: str) -> list[Pair]:
         """Pairs of ``which`` ("train", "valid" or "test"); [] when that split is not set."""

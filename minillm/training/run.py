@@ -20,9 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
 from minillm import checks
-from minillm.checkpoint import check_writable, read_checkpoint
+from minillm.checkpoint import read_checkpoint
 from minillm.data import LMDataModule
-from minillm.data.images import DigitsDataModule, ImageFolderDataModule
+from minillm.data.imagefolder import ImageFolderDataModule
+from minillm.data.images import DigitsDataModule
 from minillm.data.instructions import InstructionsDataModule
 from minillm.data.mqar import MQARDataModule
 from minillm.data.translation import TranslationDataModule
@@ -38,6 +39,7 @@ from minillm.training.finetune import (
 from minillm.training.loggers import LoggerConfig, build_logger
 from minillm.training.module import LMModule
 from minillm.training.optim import OptimConfig
+from minillm.training.run_dir import check_run_dir, resolve_ckpt_path, start_writing
 from minillm.training.run_metrics import RunMetrics, write_run_metrics
 from minillm.training.signals import StopOnSignal, TrainingInterrupted
 from minillm.training.trainer import TrainerConfig, build_trainer
@@ -99,34 +101,6 @@ def make_config(cls: type[C], values: dict[str, Any], where: str) -> C:
     return cls(**values)
 
 
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """A file as is; a run directory -> its checkpoints/last.ckpt; "last" -> this run's."""
-    if not ckpt_path:
-        return None
-    path = run_dir if ckpt_path == "last" else Path(ckpt_path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint to resume at {path}; pass ckpt_path=<run>/checkpoints/last.ckpt, "
-            "a run directory, or ckpt_path=last together with hydra.run.dir=<run directory>"
-        )
-    return str(path)
-
-
-def check_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
-    """A run directory that holds checkpoints is resumed or started over on purpose, never
-    silently replaced; and it must be writable. Runs before anything is read or written."""
-    check_writable(run_dir, "run directory")
-    found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-    if found and not ckpt_path and not overwrite:
-        raise FileExistsError(
-            f"run directory {run_dir} already holds checkpoints ({', '.join(found)}); resume "
-            "it with ckpt_path=last, choose another hydra.run.dir, or pass overwrite=true to "
-            "start over in it (its checkpoints and CSV log are deleted)"
-        )
-
-
 def train(
     cfg: dict[str, Any], run_dir: str | Path, overrides: list[str] | None = None
 ) -> dict[str, Any]:
@@ -162,7 +136,7 @@ def train(
         trainer_cfg, run_dir, logger, [*data.callbacks(), RunMetrics(), stopper]
     )
     if trainer.is_global_zero:
-        _start_writing(run_dir, run.overwrite and not ckpt_path, module.tokenizer_json)
+        start_writing(run_dir, run.overwrite and not ckpt_path, module.tokenizer_json)
     _describe_run(module, data)
     with stopper.handling():
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -248,21 +222,6 @@ def _data_module(
         total_steps=trainer_cfg.max_steps,
         accumulate=trainer_cfg.accumulate_grad_batches,
     )
-
-
-def _start_writing(run_dir: Path, start_over: bool, tokenizer_json: str) -> None:
-    """Rank 0, just before fit: (overwrite=true) delete the previous run's checkpoints and
-    CSV log, then write the tokenizer."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if start_over:
-        old = [*(run_dir / "checkpoints").glob("*.ckpt"), run_dir / "logs" / "metrics.csv"]
-        old = [p for p in old if p.is_file()]
-        for path in old:
-            path.unlink()
-        if old:
-            names = ", ".join(str(p.relative_to(run_dir)) for p in old)
-            rank_zero_info(f"overwrite=true: deleted the previous run's {names} in {run_dir}")
-    (run_dir / "tokenizer.json").write_text(tokenizer_json)
 
 
 def _describe_run(module: LMModule, data: L.LightningDataModule) -> None:

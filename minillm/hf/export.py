@@ -1,0 +1,151 @@
+"""minillm decoder -> HF Llama folder (``save_hf``); see ``minillm.hf``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+
+from minillm.attention import attention_config
+from minillm.attention.mha import MultiHeadAttention
+from minillm.checkpoint import write_export_folder
+from minillm.hf.common import (
+    ATTN_FIELDS,
+    CONFIG_ROLES,
+    HF_FILES,
+    MODEL_FIELDS,
+    NATIVE,
+    SPECIAL_ROLES,
+    hf_name,
+)
+from minillm.integrity import CHECKSUMS, checksums
+from minillm.models import ModelConfig
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise one line naming every option of ``cfg`` that a HF Llama cannot express."""
+    problems = [] if cfg.arch == "decoder" else [f"model.arch={cfg.arch!r}"]
+    cls, knobs = attention_config(cfg.attn)
+    if cls is not MultiHeadAttention:  # mha / gqa / mqa: softmax over every earlier key
+        kind = cfg.attn if isinstance(cfg.attn, str) else cfg.attn["kind"]
+        problems.append(f"attn.kind={kind!r}")
+    else:
+        problems += _non_default(knobs, ATTN_FIELDS, "attn.")
+    problems += _non_default(cfg, MODEL_FIELDS, "model.")
+    if problems:
+        raise ValueError(
+            f"format=hf: a Hugging Face Llama cannot express {', '.join(problems)} (it has "
+            f"mha/gqa/mqa attention in a decoder); {NATIVE}"
+        )
+
+
+def _non_default(obj: Any, known: set[str], prefix: str) -> list[str]:
+    """Fields of dataclass ``obj`` outside ``known`` that differ from their defaults: options
+    added to minillm after this mapping was written, which it would otherwise drop silently."""
+    out = []
+    for f in dataclasses.fields(obj):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.name not in known and getattr(obj, f.name) != default:
+            out.append(f"{prefix}{f.name}={getattr(obj, f.name)!r}")
+    return out
+
+
+def llama_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Tokenizer) -> dict[str, Any]:
+    """config.json of a LlamaForCausalLM equal to a minillm decoder (keys transformers 4.40
+    and 5 both read: ``rope_theta`` and ``torch_dtype`` rather than 5's own spellings)."""
+    check_exportable(cfg)
+    attn = attention_config(cfg.attn)[1]
+    ids = {f"{role}_id": tokenizer.token_to_id(SPECIAL_ROLES[role]) for role in CONFIG_ROLES}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": attn.n_kv_heads or cfg.n_heads,
+        "head_dim": cfg.dim // cfg.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": attn.rope_base,
+        "rope_scaling": None,
+        "attention_bias": attn.bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        **ids,
+    }
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's tensors under HF Llama names, on the CPU (a tied LM head omitted, as HF
+    saves it)."""
+    out, unmapped = {}, []
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        target = hf_name(name)
+        if target is None:
+            unmapped.append(name)
+        else:
+            out[target] = tensor.detach().cpu().contiguous()
+    if unmapped:
+        raise ValueError(f"format=hf: Llama has no tensor for {', '.join(unmapped)}; {NATIVE}")
+    return out
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """{"bos_token": "<bos>", ...}: each role whose minillm token the tokenizer has."""
+    return {k: v for k, v in SPECIAL_ROLES.items() if tokenizer.token_to_id(v) is not None}
+
+
+def save_hf(
+    model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write ``model`` and ``tokenizer`` as a HF Llama folder (``HF_FILES``).
+
+    Written like ``save_pretrained``: ``out_dir`` new or empty unless ``overwrite`` (then only
+    these files are replaced), every file atomically; the safetensors metadata carries the
+    crc32 of each tensor, which ``load_hf`` checks.
+    """
+    config = llama_config(model.cfg, next(model.parameters()).dtype, tokenizer)
+    tensors = hf_state_dict(model)
+    metadata = {"format": "pt", CHECKSUMS: json.dumps(checksums(tensors))}
+    roles = special_tokens(tokenizer)
+    generation = {k: v for k, v in config.items() if k.endswith("_token_id") and v is not None}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model.cfg.max_len,
+        "clean_up_tokenization_spaces": False,
+        **roles,
+    }
+    writers = {
+        HF_FILES[0]: _json(config),
+        HF_FILES[1]: _json(generation),
+        HF_FILES[2]: lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+        HF_FILES[3]: lambda tmp: tokenizer.save(str(tmp)),
+        HF_FILES[4]: _json(tokenizer_config),
+        HF_FILES[5]: _json(roles),
+    }
+    return write_export_folder(out_dir, writers, overwrite)
+
+
+def _json(obj: Any) -> Callable[[Path], Any]:
+    return lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- import: HF -> minillm
