@@ -60,9 +60,12 @@ def attn_cfg(kind: str) -> dict:
 def tiny_model(
     kind: str = "mha", max_len: int = 64, seed: int = 0, arch: str = "decoder", cross: str = "mha"
 ) -> torch.nn.Module:
+    """Two layers of ``kind``; ``a+b`` is a hybrid (``model.layers``): layer 0 a, layer 1 b."""
     torch.manual_seed(seed)  # untied, wide init: greedy output varies with the context
     cfg = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, max_len=max_len)
-    cfg |= {"attn": attn_cfg(kind), "tie_embeddings": False, "init_std": 0.3}
+    cfg |= {"attn": attn_cfg(kind.split("+")[0]), "tie_embeddings": False, "init_std": 0.3}
+    if "+" in kind:
+        cfg["layers"] = [attn_cfg(k) for k in kind.split("+")]
     if arch == "encoder_decoder":
         cfg |= {"arch": arch, "cross_attn": attn_cfg(cross), "init_std": 0.2}
     return build_model(cfg).eval()
@@ -82,6 +85,8 @@ class Case(NamedTuple):
 CASES = [("decoder", k, None) for k in kinds_for_role("causal")]
 CASES += [("encoder_decoder", k, "mha") for k in kinds_for_role("causal")]
 CASES += [("encoder_decoder", "mha", c) for c in kinds_for_role("cross") if c != "mha"]
+HYBRIDS = ["gated_linear+mha", "local+linear"]  # per-layer kinds: their caches side by side
+CASES += [("decoder", k, None) for k in HYBRIDS] + [("encoder_decoder", HYBRIDS[0], "mha")]
 IDS = [f"{a}-{k}" + (f"-x{c}" if c else "") for a, k, c in CASES]
 
 
@@ -244,6 +249,7 @@ def perturbed(model: torch.nn.Module, noise: float = 0.01) -> torch.nn.Module:
 
 CAUSAL = kinds_for_role("causal")
 SPEC = [(k, k) for k in CAUSAL] + [("mha", k) for k in CAUSAL if k != "mha"]
+SPEC += [(k, k) for k in HYBRIDS] + [(HYBRIDS[0], "mha")]
 
 
 @pytest.mark.parametrize("target_kind, draft_kind", SPEC, ids=[f"{t}<-{d}" for t, d in SPEC])

@@ -184,7 +184,7 @@ def run_ppl(args: EvaluateConfig, device: str) -> dict[str, Any]:
         "data": dataclasses.asdict(data),
         "split": split,
         **{**options, "window": window, "stride": stride},
-        "attn": model.cfg.attn["kind"],
+        "attn": model.cfg.attn_label,
         **result.to_dict(),
         "seconds": time.perf_counter() - start,
     }
@@ -229,7 +229,7 @@ def run_accuracy(args: EvaluateConfig, device: str) -> dict[str, Any]:
         "ckpt": args.ckpt,
         "data": dataclasses.asdict(cfg),
         "split": split,
-        "attn": model.cfg.attn["kind"],
+        "attn": model.cfg.attn_label,
         "accuracy": top1 / n,
         "top5_accuracy": top5 / n,
         "images": n,

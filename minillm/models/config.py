@@ -34,8 +34,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    # decoder self-attention: {"kind": <registry key>, **knobs}; filled from conf/attn/
+    # decoder self-attention: {"kind": <registry key>, **knobs}; the `attn` config group
     attn: dict[str, Any] = field(default_factory=lambda: {"kind": "mha"})
+    # per-layer self-attention of the main stack (a hybrid), overriding ``attn``: a list of
+    # registry keys or {"kind": ..., **knobs}, repeated to n_layers (whose multiple its length
+    # must be), e.g. [gated_linear, gated_linear, gated_linear, mha]. None: ``attn`` everywhere
+    layers: list[Any] | None = None
     # encoder-decoder only: a registry key or {"kind": ..., **knobs}
     n_encoder_layers: int | None = None  # None: same as n_layers
     encoder_attn: Any = "mha"
@@ -77,7 +81,14 @@ class ModelConfig:
 
     def _check_attention(self) -> None:
         """Build each attention config on the meta device: its own checks run, no memory."""
-        roles = [(self.attn, SELF_ROLE[self.arch])]
+        if self.layers is not None and (
+            not self.layers or len(self.layers) > self.n_layers or self.n_layers % len(self.layers)
+        ):
+            raise ValueError(
+                f"model.layers has {len(self.layers)} entries for model.n_layers={self.n_layers}: "
+                "give one kind per layer, or a pattern whose length divides n_layers"
+            )
+        roles = [(attn, SELF_ROLE[self.arch]) for attn in self.layers or [self.attn]]
         if self.arch == "encoder_decoder":
             roles += [(self.encoder_attn, "bidirectional"), (self.cross_attn, "cross")]
         with torch.device("meta"):
@@ -102,6 +113,25 @@ class ModelConfig:
         """Build the feed-forward on the meta device: its Config's checks run, no memory."""
         with torch.device("meta"):
             build_mlp(self.mlp, self.dim, self.hidden)
+
+    def layer_attns(self) -> list[Any]:
+        """The self-attention config of each block of the main stack (n_layers entries)."""
+        if self.layers is None:
+            return [self.attn] * self.n_layers
+        return [self.layers[i % len(self.layers)] for i in range(self.n_layers)]
+
+    @property
+    def attn_label(self) -> str:
+        """The main stack's attention kind for reports: ``mha``, or a hybrid's layer pattern
+        run-length coded, e.g. ``3xgated_linear+mha``."""
+        kinds = [a if isinstance(a, str) else a["kind"] for a in (self.layers or [self.attn])]
+        runs: list[list[Any]] = []
+        for kind in kinds:
+            if runs and runs[-1][0] == kind:
+                runs[-1][1] += 1
+            else:
+                runs.append([kind, 1])
+        return "+".join(kind if n == 1 else f"{n}x{kind}" for kind, n in runs)
 
     @property
     def hidden(self) -> int:

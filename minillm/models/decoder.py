@@ -30,7 +30,7 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.dropout = dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, cfg.attn, "causal") for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, attn, "causal") for attn in cfg.layer_attns())
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, 0.0, cfg.init_std)

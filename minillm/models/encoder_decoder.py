@@ -43,7 +43,7 @@ class EncoderDecoderLM(nn.Module):
         )
         self.encoder_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.decoder = nn.ModuleList(
-            Block(cfg, cfg.attn, "causal", cross_attn=cfg.cross_attn) for _ in range(cfg.n_layers)
+            Block(cfg, attn, "causal", cross_attn=cfg.cross_attn) for attn in cfg.layer_attns()
         )
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

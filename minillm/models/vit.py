@@ -40,7 +40,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         self.dropout = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg, cfg.attn, "bidirectional") for _ in range(cfg.n_layers)
+            Block(cfg, attn, "bidirectional") for attn in cfg.layer_attns()
         )
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, n_classes, bias=False)  # the classifier

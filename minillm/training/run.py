@@ -89,7 +89,7 @@ DATA_MODULES: dict[str, type[L.LightningDataModule]] = {
     "imagefolder": ImageFolderDataModule,
 }
 
-GROUPS = ("model", "attn", "data", "trainer", "optim", "logger", "experiment")
+GROUPS = ("model", "attn", "mlp", "data", "trainer", "optim", "logger", "experiment")
 
 
 def make_config(cls: type[C], values: dict[str, Any], where: str) -> C:
@@ -225,9 +225,8 @@ def _data_module(
 
 
 def _describe_run(module: LMModule, data: L.LightningDataModule) -> None:
-    attn = module.model_cfg.attn
     rank_zero_info(
-        f"model: {module.model_cfg.arch}, attn={attn if isinstance(attn, str) else attn['kind']}, "
+        f"model: {module.model_cfg.arch}, attn={module.model_cfg.attn_label}, "
         f"{module.model.num_params() / 1e6:.2f}M parameters; "
         f"data: {data.num_train_tokens / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
     )

@@ -14,7 +14,10 @@ plot validation loss against wall time, and tracks peak memory during ``fit``:
 ``write_run_metrics`` adds the final validation numbers and bits per byte: validation loss in
 bits times validation tokens per UTF-8 byte (the scored tokens of the validation blocks,
 decoded; ``<eos>`` scores but has no bytes, as in ``minillm.evaluation.perplexity``); with
-``data=mqar`` also ``recall_acc`` (the final ``val/recall_acc``). ``data`` and ``optim`` are the
+``data=mqar`` also ``recall_acc`` (the final ``val/recall_acc``); with an image task
+(``model.arch=vit``) also ``val_accuracy`` and ``val_top5_accuracy`` (the final
+``val/accuracy`` and ``val/top5_accuracy``: top-k with k = min(5, classes)), None otherwise;
+``bits_per_byte`` is None there (no text). ``data`` and ``optim`` are the
 run's configs, ``seq_len`` its training input length (the data module's, else ``max_len``).
 """
 
@@ -154,6 +157,14 @@ def valid_tokens_per_byte(data: L.LightningDataModule) -> float | None:
     return labels.size / n_bytes if n_bytes else None
 
 
+# the task-specific ``val/<name>`` metrics that metrics.json carries when the task logs them
+FINAL_METRICS = ("recall_acc", "accuracy", "top5_accuracy")
+
+
+def _number(value: torch.Tensor | None) -> float | None:
+    return float(value) if value is not None else None
+
+
 def write_run_metrics(
     trainer: L.Trainer, data: L.LightningDataModule, summary: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -164,13 +175,13 @@ def write_run_metrics(
     module = trainer.lightning_module
     val_loss = trainer.callback_metrics.get("val/loss")
     val_loss = float(val_loss) if val_loss is not None else math.nan
-    recall = trainer.callback_metrics.get("val/recall_acc")  # data=mqar only
+    final = {k: trainer.callback_metrics.get(f"val/{k}") for k in FINAL_METRICS}
     data_cfg = getattr(data, "cfg", None)
     per_byte = valid_tokens_per_byte(data)
     model = module.model
     metrics = {
         **summary,
-        "kind": module.model_cfg.attn.get("kind"),
+        "kind": module.model_cfg.attn_label,
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
         "model": module.model_cfg.to_dict(),
@@ -179,7 +190,9 @@ def write_run_metrics(
         "optim": dataclasses.asdict(module.optim_cfg),
         "val_loss": val_loss,
         "bits_per_byte": val_loss / math.log(2) * per_byte if per_byte else None,
-        "recall_acc": float(recall) if recall is not None else None,
+        "recall_acc": _number(final["recall_acc"]),  # data=mqar only
+        "val_accuracy": _number(final["accuracy"]),  # image tasks only
+        "val_top5_accuracy": _number(final["top5_accuracy"]),
         "train_tokens": timer.tokens,
         "train_s": timer.train_s,
         "val_s": timer.val_s,
