@@ -7,6 +7,12 @@
     minillm-evaluate ckpt=... data=hf data.name=<save_to_disk folder> data.split=test
     minillm-evaluate metric=bleu ckpt=... data.test_file=test.jsonl num_beams=5
     minillm-evaluate metric=accuracy ckpt=outputs/<run>/checkpoints/best.ckpt  # its test split
+    minillm-evaluate ckpt='[rope/best.ckpt,alibi/best.ckpt]' contexts=[256,512,1024,2048]
+
+``contexts=[...]`` (metric=ppl) scores each checkpoint of ``ckpt`` (one or a list) with sliding
+windows of each length, on its own held-out documents (or ``data=``'s), and writes the rows
+(``out``, default ``<first checkpoint>.contexts.json``) with a table (.md) and a chart (.png)
+of perplexity against context beside it: ``minillm.evaluation.extrapolation``.
 
 Which documents ``metric=ppl`` scores:
 
@@ -39,11 +45,11 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -51,23 +57,21 @@ from minillm import checks
 from minillm.checkpoint import load_pretrained
 from minillm.cli.app import hydra_app
 from minillm.cli.devices import resolve_device
-from minillm.data.images import ImageDataModule, class_hits
+from minillm.cli.evaluate_images import image_data_config, run_accuracy
 from minillm.data.translation import TranslationDataConfig
 from minillm.evaluation import perplexity
 from minillm.evaluation.bleu import BleuOptions, run_bleu
 from minillm.evaluation.documents import DOCUMENTS, checkpoint_data, data_config
+from minillm.evaluation.extrapolation import model_label, score_contexts, write_extrapolation
 from minillm.evaluation.perplexity import SCORERS
-from minillm.training.run import DATA_MODULES
 
 PPL_BATCH_SIZE = 16  # windows a forward call
-PPL_ONLY = ("split", "mode", "window", "stride")
+PPL_ONLY = ("split", "mode", "window", "stride", "contexts")
 BLEU_ONLY = ("num_beams", "length_penalty", "max_new_tokens", "output", "on_malformed")
 BLEU_DATA_KEYS = ("test_file", "src_field", "tgt_field", "format")  # what run_bleu reads
-ACCURACY_BATCH_SIZE = 256  # images a forward call
 # each metric's own options: those of another metric must keep their defaults
 OWN_OPTIONS = {"ppl": PPL_ONLY, "bleu": BLEU_ONLY, "accuracy": ("split",)}
 SPLITS = {"ppl": ("all", "train", "validation"), "accuracy": ("train", "validation", "test")}
-IMAGE_TASKS = {k: m for k, m in DATA_MODULES.items() if issubclass(m, ImageDataModule)}
 
 
 @dataclass
@@ -76,7 +80,7 @@ class EvaluateConfig:
     their defaults (a ``stride`` given with ``metric=bleu`` is a mistake, not ignored)."""
 
     metric: str = "ppl"  # ppl | bleu | accuracy
-    ckpt: str = MISSING  # a .ckpt file or an exported folder (minillm-export)
+    ckpt: Any = MISSING  # a .ckpt file or an exported folder; with contexts=, a list of them
     data: dict[str, Any] = field(default_factory=dict)  # data=<option> or data.<key>=...
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     out: str | None = None  # results JSON; default <checkpoint>.<metric>.json beside it
@@ -87,6 +91,7 @@ class EvaluateConfig:
     mode: str = "window"  # window (sliding window, every kind) | recurrent (one cached pass)
     window: int | None = None  # tokens of context; default the model's max_len
     stride: int | None = None  # tokens a window advances (or a recurrent call reads); window//2
+    contexts: list[int] = field(default_factory=list)  # windows to score (extrapolation)
     # metric=bleu
     num_beams: int = BleuOptions.num_beams
     length_penalty: float = BleuOptions.length_penalty
@@ -106,13 +111,37 @@ class EvaluateConfig:
         checks.choice("on_malformed", self.on_malformed, ("fail", "skip"))
         if self.window and self.stride and self.stride > self.window:
             raise ValueError(f"stride={self.stride}: must be at most window={self.window}")
+        self._check_contexts()
         resolve_device(self.device)
         self._check_other_metric_untouched()
+
+    def _check_contexts(self) -> None:
+        for context in self.contexts:
+            checks.integer("contexts", context, 2)
+        if self.contexts and (self.window or self.mode != "window"):
+            raise ValueError(
+                "contexts= sets the window of each score (mode=window): drop window= and mode="
+            )
+        if self.contexts and self.stride and self.stride > min(self.contexts):
+            raise ValueError(f"stride={self.stride}: must be at most the shortest context")
+        if not isinstance(self.ckpt, str) and not self.contexts:
+            raise ValueError(
+                f"ckpt={self.ckpt!r}: a list of checkpoints is scored only with contexts=[...]; "
+                "give one checkpoint, or contexts="
+            )
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return [self.ckpt] if isinstance(self.ckpt, str) else [str(c) for c in self.ckpt]
 
     def _check_other_metric_untouched(self) -> None:
         mine = OWN_OPTIONS[self.metric]
         other = dict.fromkeys(k for keys in OWN_OPTIONS.values() for k in keys if k not in mine)
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {
+            f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(self)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
         changed = [k for k in other if getattr(self, k) != defaults[k]]
         if changed:
             raise ValueError(
@@ -163,6 +192,8 @@ def ppl_data(args: EvaluateConfig) -> tuple[Any, str]:
 
 
 def run_ppl(args: EvaluateConfig, device: str) -> dict[str, Any]:
+    if args.contexts:
+        return run_contexts(args, device)
     data, split = ppl_data(args)
     docs = DOCUMENTS[data.task][1](data, split, _cache_dir())
     model, tokenizer = load_pretrained(args.ckpt, map_location=device)
@@ -190,51 +221,41 @@ def run_ppl(args: EvaluateConfig, device: str) -> dict[str, Any]:
     }
 
 
-def image_data_config(data: dict[str, Any]) -> Any:
-    """``data`` as its image task's config dataclass; another task is an error."""
-    task = data.get("task", "lm")
-    if task not in IMAGE_TASKS:
-        raise ValueError(
-            f"metric=accuracy scores images (data={'|'.join(IMAGE_TASKS)}), not data.task={task}"
-        )
-    return IMAGE_TASKS[task].Config.coerce(data)
+def run_contexts(args: EvaluateConfig, device: str) -> dict[str, Any]:
+    """Perplexity of every checkpoint at every context; table and chart beside ``out``."""
+    rows, batch_size = [], args.batch_size or PPL_BATCH_SIZE
+    for ckpt in args.checkpoints:
+        data, split = ppl_data(dataclasses.replace(args, ckpt=ckpt, contexts=[]))
+        docs = DOCUMENTS[data.task][1](data, split, _cache_dir())
+        model, tokenizer = load_pretrained(ckpt, map_location=device)
+        score = window_scorer(model, tokenizer, docs, args.stride, batch_size)
+        label = model_label(model.cfg)
+        for row in score_contexts(score, args.contexts, label, model.cfg.max_len):
+            rows.append({**row, "ckpt": ckpt, "split": split})
+            shown = "—" if row["ppl"] is None else f"{row['ppl']:.3f}"
+            print(f"{label} @ {row['context']}: ppl {shown} {row.get('skipped', '')}".rstrip())
+    table, chart = write_extrapolation(rows, Path(contexts_out(args)))
+    print(table.read_text() + f"wrote {table} and {chart}")
+    return {"metric": "ppl", "contexts": args.contexts, "rows": rows}
 
 
-def accuracy_data(args: EvaluateConfig) -> Any:
-    """The image data config to score: ``data=<option>``'s, else the checkpoint's with the
-    ``data.<key>=`` given put over it."""
-    if "task" in args.data:
-        return image_data_config(args.data)
-    return image_data_config({**checkpoint_data(args.ckpt, "data=digits"), **args.data})
+def window_scorer(
+    model: Any, tokenizer: Any, docs: list[str], stride: int | None, batch_size: int
+) -> Callable[[int], Any]:
+    """window -> its perplexity result (stride half the window unless given); the batch
+    shrinks as the window grows, so every context holds about as many tokens a call."""
+
+    def score(window: int) -> Any:
+        rows = max(1, batch_size * model.cfg.max_len // window)
+        step = stride or max(1, window // 2)
+        return perplexity(model, tokenizer, docs, window=window, stride=step, batch_size=rows)
+
+    return score
 
 
-def run_accuracy(args: EvaluateConfig, device: str) -> dict[str, Any]:
-    """Top-1 and top-5 accuracy of an image classifier on one split of its data."""
-    cfg = accuracy_data(args)
-    if args.batch_size:
-        cfg = dataclasses.replace(cfg, eval_batch_size=args.batch_size)
-    model, tokenizer = load_pretrained(args.ckpt, map_location=device)
-    module = IMAGE_TASKS[cfg.task]
-    data = module(cfg, max_len=1, batch_size=ACCURACY_BATCH_SIZE, tokenizer=tokenizer)
-    data.setup("test")
-    split, start = args.split or "test", time.perf_counter()
-    counts = torch.zeros(3, dtype=torch.long, device=device)  # [top-1, top-5, images]
-    with torch.inference_mode():
-        for batch in data.eval_dataloader(split):
-            counts += class_hits(model, {k: v.to(device) for k, v in batch.items()})
-    top1, top5, n = (int(c) for c in counts)
-    print(f"accuracy {top1 / n:.4f} ({top1}/{n}), top-5 {top5 / n:.4f} ({split} split)")
-    return {
-        "metric": "accuracy",
-        "ckpt": args.ckpt,
-        "data": dataclasses.asdict(cfg),
-        "split": split,
-        "attn": model.cfg.attn_label,
-        "accuracy": top1 / n,
-        "top5_accuracy": top5 / n,
-        "images": n,
-        "seconds": time.perf_counter() - start,
-    }
+def contexts_out(args: EvaluateConfig) -> str:
+    first = Path(args.checkpoints[0])
+    return args.out or str(first.with_name(f"{first.stem}.contexts.json"))
 
 
 METRICS = {
@@ -253,8 +274,10 @@ def _cache_dir() -> str:
 def evaluate(args: EvaluateConfig) -> dict[str, Any]:
     """Score, print, and write the results JSON; returns what was written."""
     summary = METRICS[args.metric](args, str(resolve_device(args.device)))
-    ckpt = Path(args.ckpt)
+    ckpt = Path(args.checkpoints[0])
     out = Path(args.out or ckpt.with_name(f"{ckpt.stem}.{args.metric}.json"))
+    if args.contexts:
+        out = Path(contexts_out(args))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"results: {out}")
