@@ -122,7 +122,8 @@ def test_extra_source_padding_does_not_change_decoder_outputs(encoder: str, cros
     torch.testing.assert_close(with_pads, alone, rtol=1e-5, atol=1e-5)
 
 
-DECODE_CASES = [(a, "mha") for a in kinds_for_role("causal")] + [("mha", c) for c in CROSS if c != "mha"]
+DECODE_CASES = [(a, "mha") for a in kinds_for_role("causal")]
+DECODE_CASES += [("mha", c) for c in CROSS if c != "mha"]
 
 
 def translate_ids(model, src_ids, src_mask, **options) -> tuple[list, list]:

@@ -12,6 +12,8 @@ from typing import Any
 from minillm.attention.base import ROLES, Attention
 from minillm.attention.bounded_cache import RecurrentState, RollingKVCache
 from minillm.attention.cache import Cache, KVCache, fixed_shape_decoding
+from minillm.attention.delta_net import DeltaNetAttention
+from minillm.attention.gated_delta_net import GatedDeltaNetAttention
 from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.linear import LinearAttention
 from minillm.attention.local import LocalAttention
@@ -25,6 +27,8 @@ ATTENTION: dict[str, tuple[type[Attention], dict[str, Any]]] = {
     "local": (LocalAttention, {}),
     "linear": (LinearAttention, {}),
     "gated_linear": (GatedLinearAttention, {}),
+    "delta_net": (DeltaNetAttention, {}),
+    "gated_delta_net": (GatedDeltaNetAttention, {}),
 }
 
 __all__ = [

@@ -1,11 +1,11 @@
 """Chunkwise kernels of the linear-attention kinds, apart from their modules (as fla does).
 
-Pure PyTorch, vectorised across chunks; only the cheap (D_k, D_v) state recurrence of GLA is a
-Python loop, over ``unbind`` views (never slices of a big tensor, which would make backward
-quadratic). All compute in at least fp32 (running sums and cumulated log-gates lose too much
-in bf16) and return outputs in the inputs' dtype. Sequences are padded at the end to whole
-chunks with zero keys and (for GLA) zero log-gates, which leaves every real output and the
-carried state unchanged.
+Pure PyTorch, vectorised across chunks; only the cheap (D_k, D_v) state recurrence (GLA, the
+delta rule) is a Python loop over chunks, over ``unbind`` views (never slices of a big tensor,
+which would make backward quadratic). All compute in at least fp32 (running sums and cumulated
+log-gates lose too much in bf16) and return outputs in the inputs' dtype. Sequences are padded
+at the end to whole chunks with zero keys, zero log-gates and (delta rule) zero betas, which
+leaves every real output and the carried state unchanged.
 """
 
 from __future__ import annotations
@@ -121,3 +121,62 @@ def _gla_intra_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Tensor:
         a = torch.cat((top, torch.cat((x, a_r), -1)), -2)  # (B, H, n, m, 2h, 2h)
         h *= 2
     return a.squeeze(-3) @ v  # (B, H, n, c, D_v)
+
+
+def chunk_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    log_alpha: Tensor | None,
+    state: Tensor,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """(Gated) delta rule: S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T and
+    o_t = q_t S_t, with S (D_k, D_v) and k_t a column in the outer products.
+
+    q, k (B, H, T, D_k) with ||k_t|| <= 1 (else the state can grow without bound); v (B, H, T,
+    D_v); beta (B, H, T) in [0, 1]; log_alpha (B, H, T) <= 0, or None for alpha = 1 (DeltaNet);
+    state (B, H, D_k, D_v) is S_0. ``chunk_size`` is a power of two (shorter inputs use the
+    next power of two >= T). Returns o (B, H, T, D_v) and S_T.
+
+    Chunkwise WY form (Yang et al. 2024): inside a chunk, with G_t the log-decay from the chunk
+    start and A[i, j] = beta_i exp(G_i - G_j) k_i . k_j (j < i), the rows
+    u_i = beta_i (v_i - k_i^T alpha_i S_{i-1}) solve (I + A) U = beta V - beta exp(G) K S_0,
+    i.e. U = U~ - W S_0 with U~, W one unit-triangular solve per chunk, for all chunks at once.
+    Only U and S_{n+1} = exp(G_c) S_n + (exp(G_c - G) K)^T U run chunk by chunk. Decay factors
+    are exp of differences <= 0, so strong decay underflows to 0 and never overflows.
+    """
+    with torch.autocast(q.device.type, enabled=False):  # fp32 matmuls and solve, always
+        t, dtype = q.shape[2], v.dtype
+        q, k, v, beta, state = _at_least_fp32(q, k, v, beta, state)
+        c = min(chunk_size, 1 << (t - 1).bit_length())
+        q, k, v = _chunks(q, c), _chunks(k, c), _chunks(v, c)  # (B, H, n, c, D)
+        beta = _chunks(beta[..., None], c)  # (B, H, n, c, 1) zero on end padding: absorbs nothing
+        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        scores = q @ k.transpose(-1, -2)  # (B, H, n, c, c)
+        a = (beta * k) @ k.transpose(-1, -2)  # (B, H, n, c, c); only the strict lower part is read
+        k_beta, k_end = beta * k, k
+        decay = q.new_ones(*q.shape[:3], 1, 1)  # (B, H, n, 1, 1) state decay across each chunk
+        if log_alpha is None:
+            scores = scores.masked_fill(~causal, 0.0)
+        else:
+            (log_alpha,) = _at_least_fp32(log_alpha)
+            g = _chunks(log_alpha[..., None], c).cumsum(-2)  # (B, H, n, c, 1) log-decay, inclusive
+            gap = (g - g.transpose(-1, -2)).masked_fill(~causal, float("-inf")).exp()  # (.., c, c)
+            scores, a = scores * gap, a * gap
+            k_beta, q = k_beta * g.exp(), q * g.exp()
+            k_end = k * (g[..., -1:, :] - g).exp()  # decay from each position to the chunk end
+            decay = g[..., -1:, :].exp()  # (B, H, n, 1, 1)
+        rhs = torch.cat((beta * v, k_beta), -1)  # (B, H, n, c, D_v + D_k)
+        uw = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+        u_tilde, w = uw.split((v.shape[-1], k.shape[-1]), -1)  # (B, H, n, c, D_v), (.., D_k)
+        states, us = [], []
+        steps = zip(u_tilde.unbind(2), w.unbind(2), k_end.unbind(2), decay.unbind(2), strict=True)
+        for u_i, w_i, k_i, decay_i in steps:
+            states.append(state)
+            u_i = u_i - w_i @ state  # (B, H, c, D_v)
+            us.append(u_i)
+            state = decay_i * state + k_i.transpose(-1, -2) @ u_i  # (B, H, D_k, D_v)
+        o = q @ torch.stack(states, 2) + scores @ torch.stack(us, 2)  # (B, H, n, c, D_v)
+        return o.flatten(2, 3)[:, :, :t].to(dtype), state

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from minillm.attention.base import Attention
+from minillm.attention.delta_net import DeltaNetAttention
+from minillm.attention.gated_delta_net import GatedDeltaNetAttention
 from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.linear import LinearAttention
 from minillm.attention.local import LocalAttention
@@ -190,9 +192,97 @@ def gated_linear_reference(
     return _project(attn.o_proj, out * gate * torch.sigmoid(gate))
 
 
+def delta_rule_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    log_alpha: Tensor | None = None,
+    valid: Tensor | None = None,
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(Gated) delta rule one row and one token at a time, exactly as written:
+    S <- alpha (I - beta k k^T) S + beta k v^T, o = q S, with S (D_k, D_v) per head. q, k
+    (B, H, T, D_k), v (B, H, T, D_v), beta and log_alpha (B, H, T) (None: alpha = 1), valid
+    (B, T) (padding steps leave S as it is), state S_0 (B, H, D_k, D_v). Returns o, S_T."""
+    b, h, t, dk = k.shape
+    eye = torch.eye(dk, dtype=k.dtype)
+    outs, finals = [], []
+    for row in range(b):
+        s = torch.zeros(h, dk, v.shape[-1], dtype=v.dtype) if state is None else state[row]
+        o_row = []
+        for i in range(t):
+            if valid is None or valid[row, i]:
+                k_i, v_i, beta_i = k[row, :, i], v[row, :, i], beta[row, :, i, None, None]
+                alpha = 1.0 if log_alpha is None else log_alpha[row, :, i, None, None].exp()
+                erase = eye - beta_i * k_i[:, :, None] * k_i[:, None, :]  # (H, D_k, D_k)
+                s = alpha * (erase @ s) + beta_i * k_i[:, :, None] * v_i[:, None, :]
+            o_row.append((q[row, :, i, :, None] * s).sum(1))  # (H, D_v)
+        outs.append(torch.stack(o_row, 1))
+        finals.append(s)
+    return torch.stack(outs), torch.stack(finals)
+
+
+def _delta_heads(
+    attn: DeltaNetAttention, x: Tensor, mask: Tensor | None, log_alpha: Tensor | None = None
+) -> Tensor:
+    """The head outputs (B, H, T, D_v) of a (gated) DeltaNet module, before its o_norm."""
+    h = attn.n_heads
+
+    def unit(y: Tensor) -> Tensor:  # fla's l2norm
+        return y / torch.sqrt((y * y).sum(-1, keepdim=True) + 1e-6)
+
+    def silu(y: Tensor) -> Tensor:
+        return y * torch.sigmoid(y)
+
+    q = unit(_split_heads(silu(_project(attn.q_proj, x)), h)) / math.sqrt(attn.head_k)
+    k = unit(_split_heads(silu(_project(attn.k_proj, x)), h))  # (B, H, T, D_k)
+    v = _split_heads(silu(_project(attn.v_proj, x)), h)  # (B, H, T, D_v)
+    beta = torch.sigmoid(_project(attn.b_proj, x)).transpose(1, 2)  # (B, H, T)
+    return delta_rule_reference(q, k, v, beta, log_alpha, mask)[0]
+
+
+def _rms_heads(attn: DeltaNetAttention, y: Tensor) -> Tensor:
+    """Per-head RMSNorm of (B, H, T, D_v) -> (B, T, value_dim)."""
+    b, _, t, _ = y.shape
+    rms = (y.pow(2).mean(-1, keepdim=True) + attn.cfg.norm_eps).rsqrt()
+    return (y * rms * attn.o_norm.weight).transpose(1, 2).reshape(b, t, attn.value_dim)
+
+
+def delta_net_reference(
+    attn: DeltaNetAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """DeltaNet token by token, then per-head RMSNorm and o_proj."""
+    return _project(attn.o_proj, _rms_heads(attn, _delta_heads(attn, x, mask)))
+
+
+def gated_delta_net_reference(
+    attn: GatedDeltaNetAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Gated DeltaNet token by token (alpha = exp(-exp(A_log) softplus(x W_a + dt_bias))),
+    then per-head RMSNorm, swish output gate and o_proj."""
+    dt = torch.log1p(torch.exp(_project(attn.a_proj, x) + attn.dt_bias))  # softplus
+    log_alpha = (-torch.exp(attn.A_log) * dt).transpose(1, 2)  # (B, H, T)
+    gate = _project(attn.g_proj, x)
+    out = _rms_heads(attn, _delta_heads(attn, x, mask, log_alpha)) * gate * torch.sigmoid(gate)
+    return _project(attn.o_proj, out)
+
+
 REFERENCES: dict[type[Attention], Callable[..., Tensor]] = {
     MultiHeadAttention: mha_reference,
     LocalAttention: local_reference,
     LinearAttention: linear_reference,
     GatedLinearAttention: gated_linear_reference,
+    DeltaNetAttention: delta_net_reference,
+    GatedDeltaNetAttention: gated_delta_net_reference,
 }

@@ -39,9 +39,7 @@ class ViT(nn.Module):
         self.col_emb = nn.Parameter(torch.zeros(self.grid, cfg.dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         self.dropout = dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg, attn, "bidirectional") for attn in cfg.layer_attns()
-        )
+        self.blocks = nn.ModuleList(Block(cfg, attn, "bidirectional") for attn in cfg.layer_attns())
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, n_classes, bias=False)  # the classifier
         for table in (self.row_emb, self.col_emb, self.cls_token, self.lm_head.weight):
