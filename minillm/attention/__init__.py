@@ -18,6 +18,8 @@ from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.linear import LinearAttention
 from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
+from minillm.attention.performer import PerformerAttention
+from minillm.attention.sparse import SparseAttention
 
 # key -> (class, preset knobs). Variants that differ only in numbers are presets, not classes.
 ATTENTION: dict[str, tuple[type[Attention], dict[str, Any]]] = {
@@ -29,6 +31,8 @@ ATTENTION: dict[str, tuple[type[Attention], dict[str, Any]]] = {
     "gated_linear": (GatedLinearAttention, {}),
     "delta_net": (DeltaNetAttention, {}),
     "gated_delta_net": (GatedDeltaNetAttention, {}),
+    "sparse": (SparseAttention, {}),
+    "performer": (PerformerAttention, {}),
 }
 
 __all__ = [

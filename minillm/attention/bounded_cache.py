@@ -1,6 +1,7 @@
 """Caches of bounded size, on the ``Cache`` protocol of ``minillm/attention/cache.py``: the
-rolling window of ``local`` (O(window) memory) and the recurrent state of the linear kinds
-(O(1) in the sequence length). Both decode past ``max_len``, so their ``capacity`` is None.
+rolling window of ``local`` (O(window) memory), ``sparse``'s global tokens + rolling window, and
+the recurrent state of the linear kinds (O(1) in the sequence length). All decode past
+``max_len``, so their ``capacity`` is None.
 """
 
 from __future__ import annotations
@@ -168,3 +169,115 @@ class RecurrentState(StreamCache):
     def nbytes(self) -> int:
         held = [t for _, s, z in self.saved for t in (s, z) if t is not None]
         return super().nbytes + sum(t.numel() * t.element_size() for t in held)
+
+
+class SparseKVCache(StreamCache):
+    """``sparse``'s cache: the row's global tokens plus a rolling window, O(window) memory.
+
+    ``k``, ``v`` (B, H_kv, slots, D) and ``valid`` (B, slots) with slots = ``n_global`` +
+    ``local`` + ``lookahead``: slot j < n_global holds the row's token at position j (written
+    once, when it arrives); the rest are a ring of the last ``local`` tokens as in
+    ``RollingKVCache``. ``index`` (slots,): the position of a global slot, the stream index of
+    a ring slot (-1 while empty). ``capacity`` is None: it decodes past any max_len.
+
+    Global slots are read under ``position < query position - (local - 1)`` (nearer ones are in
+    the ring), so a rolled-back global token is invisible until its position is written again.
+    """
+
+    _tensors = ("k", "v", "valid")
+    _shared = ("index",)
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        n_global: int,
+        local: int,
+        head_dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        lookahead: int = 0,
+    ) -> None:
+        self.n_global, self.local, self.lookahead = n_global, local, lookahead
+        self.ring = local + lookahead
+        shape = (batch_size, n_kv_heads, n_global + self.ring, head_dim)
+        self.k, self.v = new_buffer(shape, device, dtype), new_buffer(shape, device, dtype)
+        self.valid = new_buffer((batch_size, n_global + self.ring), device, torch.bool)
+        index = torch.cat((torch.arange(n_global), torch.full((self.ring,), -1))).to(device)
+        self.index = static_address(index)
+        self.has_padding = False
+        self._init_stream(device)
+
+    @property
+    def capacity(self) -> None:
+        return None
+
+    def update(
+        self, k: Tensor, v: Tensor, valid: Tensor | None, positions: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+        """Write k, v (B, H_kv, T, D), valid (B, T) at ``positions`` (B, T). Returns, oldest
+        first, the ``local - 1`` ring tokens before the new ones and the new ones: keys, values
+        (B, H_kv, P + T, D), validity (B, P + T) or None; then the global slots (new tokens
+        included): keys, values (B, H_kv, n_global, D) and validity (B, n_global)."""
+        g, before = self.n_global, self.local - 1
+        if valid is not None:
+            self.has_padding = True
+        if fixed_shapes():  # always ``before`` slots; the ones not (or no longer) held are masked
+            stream = self.end - before + torch.arange(before, device=k.device)  # (P,)
+            slots = g + stream % self.ring
+            held = (self.index[slots] == stream) & (stream >= 0)  # (P,) still in the ring
+            ctx_valid = self.valid[:, slots] & held  # (B, P)
+        else:
+            held = min(self.length, before)
+            stream = torch.arange(self.length - held, self.length, device=k.device)
+            slots = g + stream % self.ring
+            ctx_valid = self.valid[:, slots] if self.has_padding else None
+        k_ctx, v_ctx = self.k[:, :, slots], self.v[:, :, slots]  # (B, H_kv, P, D)
+        key_valid = None
+        if ctx_valid is not None:
+            new_valid = valid
+            if new_valid is None:
+                new_valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+            key_valid = torch.cat((ctx_valid, new_valid), dim=1)  # (B, P + T)
+        self._write_globals(k, v, valid, positions)
+        self._write_ring(k, v, valid)
+        keys, values = torch.cat((k_ctx, k), dim=2), torch.cat((v_ctx, v), dim=2)
+        return keys, values, key_valid, self.k[:, :, :g], self.v[:, :, :g], self.valid[:, :g]
+
+    def _write_globals(self, k: Tensor, v: Tensor, valid: Tensor | None, positions: Tensor) -> None:
+        """Slot j takes the real new token at position j, if any (no host sync, no scatter
+        with repeated indices: padding tokens share position 0 with the first real one)."""
+        g = self.n_global
+        sel = positions[:, :, None] == torch.arange(g, device=k.device)  # (B, T, g)
+        if valid is not None:
+            sel = sel & valid[:, :, None]
+        found = sel.any(1)  # (B, g)
+        new_k = torch.einsum("btg,bhtd->bhgd", sel.to(k.dtype), k)  # (B, H_kv, g, D)
+        new_v = torch.einsum("btg,bhtd->bhgd", sel.to(v.dtype), v)
+        keep = found[:, None, :, None]
+        self.k[:, :, :g] = torch.where(keep, new_k, self.k[:, :, :g])
+        self.v[:, :, :g] = torch.where(keep, new_v, self.v[:, :, :g])
+        self.valid[:, :g] |= found
+
+    def _write_ring(self, k: Tensor, v: Tensor, valid: Tensor | None) -> None:
+        """Only the last ``ring`` of the T new tokens are kept."""
+        t = k.shape[2]
+        keep = min(t, self.ring)
+        stream = self.end + (t - keep) + torch.arange(keep, device=k.device)  # (keep,)
+        slots = self.n_global + stream % self.ring
+        self.k.index_copy_(2, slots, k[:, :, t - keep :])
+        self.v.index_copy_(2, slots, v[:, :, t - keep :])
+        if valid is None:
+            valid = torch.ones(k.shape[0], t, dtype=torch.bool, device=k.device)
+        self.valid.index_copy_(1, slots, valid[:, t - keep :])
+        self.index.index_copy_(0, slots, stream)
+        self._advance(t)
+
+    def rollback(self, n: int) -> int:
+        """Forget the last ``n <= lookahead`` tokens (see ``RollingKVCache.rollback``)."""
+        if n > self.lookahead:
+            raise ValueError(
+                f"rollback n={n}: a sparse cache can take back at most lookahead="
+                f"{self.lookahead} tokens; allocate it with a larger lookahead"
+            )
+        return super().rollback(n)

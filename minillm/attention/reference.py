@@ -20,6 +20,8 @@ from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.linear import LinearAttention
 from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
+from minillm.attention.performer import PerformerAttention
+from minillm.attention.sparse import SparseAttention, random_key_blocks
 
 
 def rope_reference(x: Tensor, positions: Tensor, base: float) -> Tensor:
@@ -278,6 +280,103 @@ def gated_delta_net_reference(
     return _project(attn.o_proj, out)
 
 
+def sparse_reference(
+    attn: SparseAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Full softmax per query over the keys its pattern names, by positions: causal s in (p -
+    local, p] or a global s < n_global with s <= p; bidirectional |p - s| <= local // 2, a global
+    key or query, or a key in one of the query block's random blocks. Padding queries see
+    only themselves."""
+    b, t, _ = x.shape
+    q = rope_reference(
+        _split_heads(_project(attn.q_proj, x), attn.n_heads), positions, attn.cfg.rope_base
+    )
+    k = rope_reference(
+        _split_heads(_project(attn.k_proj, x), attn.n_kv_heads), positions, attn.cfg.rope_base
+    )
+    v = _split_heads(_project(attn.v_proj, x), attn.n_kv_heads)
+    group = attn.n_heads // attn.n_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    valid = mask if mask is not None else torch.ones(b, t, dtype=torch.bool)
+    g, bs, local = attn.cfg.n_global, attn.cfg.block_size, attn.local
+    lengths = valid.sum(1)
+    row_blocks = -(-lengths // bs)
+    n = int(row_blocks.max())
+    blocks = random_key_blocks(attn.random_seed, row_blocks, n, attn.cfg.random_blocks)
+
+    def allowed(row: int, query: int) -> list[int]:
+        if not valid[row, query]:
+            return [query]
+        p = int(positions[row, query])
+        keys = []
+        for j in range(t):
+            s = int(positions[row, j])
+            if not valid[row, j]:
+                continue
+            if attn.causal:
+                seen = p - local < s <= p or s < g and s <= p
+            else:
+                random = attn.cfg.random_blocks and s // bs in blocks[row, p // bs].tolist()
+                seen = abs(p - s) <= local // 2 or s < g or p < g or bool(random)
+            if seen:
+                keys.append(j)
+        return keys
+
+    y = softmax_reference(q, k, v, allowed)
+    return _project(attn.o_proj, y.transpose(1, 2).reshape(b, t, attn.dim))
+
+
+def performer_reference(
+    attn: PerformerAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """FAVOR+ with the module's own features, one token at a time with explicit running sums:
+    phi(u) = exp(w_i . u' - |u'|^2 / 2) / sqrt(m), u' = u D^-1/4, a query's exponents shifted
+    by their max."""
+    b, t, _ = x.shape
+    src = memory if attn.role == "cross" else x
+    s_len, d = src.shape[1], attn.head_dim
+    w = attn.features
+
+    def phi(u: Tensor, is_query: bool) -> Tensor:  # u (D,) -> (m,)
+        u = u / d**0.25
+        z = torch.stack([w_i @ u for w_i in w]) - (u * u).sum() / 2
+        if is_query:
+            z = z - z.max()
+        return z.exp() / math.sqrt(w.shape[0])
+
+    q = _split_heads(_project(attn.q_proj, x), attn.n_heads)  # (B, H, T, D)
+    k = _split_heads(_project(attn.k_proj, src), attn.n_heads)  # (B, H, S, D)
+    v = _split_heads(_project(attn.v_proj, src), attn.n_heads)
+    valid = mask if mask is not None else torch.ones(b, s_len, dtype=torch.bool)
+    out = torch.zeros_like(q)
+    for row in range(b):
+        for h in range(attn.n_heads):
+            s = torch.zeros(w.shape[0], d, dtype=x.dtype)
+            z = torch.zeros(w.shape[0], dtype=x.dtype)
+            if not attn.causal:  # bidirectional / cross: global sums over the real keys
+                for j in range(s_len):
+                    if valid[row, j]:
+                        f = phi(k[row, h, j], False)
+                        s, z = s + f[:, None] * v[row, h, j], z + f
+            for i in range(t):
+                if attn.causal and valid[row, i]:
+                    f = phi(k[row, h, i], False)
+                    s, z = s + f[:, None] * v[row, h, i], z + f
+                f_q = phi(q[row, h, i], True)
+                out[row, h, i] = (f_q @ s) / (f_q @ z + attn.cfg.eps)
+    return _project(attn.o_proj, out.transpose(1, 2).reshape(b, t, attn.dim))
+
+
 REFERENCES: dict[type[Attention], Callable[..., Tensor]] = {
     MultiHeadAttention: mha_reference,
     LocalAttention: local_reference,
@@ -285,4 +384,6 @@ REFERENCES: dict[type[Attention], Callable[..., Tensor]] = {
     GatedLinearAttention: gated_linear_reference,
     DeltaNetAttention: delta_net_reference,
     GatedDeltaNetAttention: gated_delta_net_reference,
+    SparseAttention: sparse_reference,
+    PerformerAttention: performer_reference,
 }
