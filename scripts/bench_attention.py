@@ -1,11 +1,16 @@
-"""Causal forward+backward time and peak memory of attention kinds against sequence length.
+"""Forward+backward time and peak memory of attention kinds against sequence length, in the
+causal role (default) or the bidirectional one (``--role``).
 
-    python scripts/bench_attention.py                       # every registry kind, T = 256..16384
+    python scripts/bench_attention.py                       # every causal kind, T = 256..16384
     python scripts/bench_attention.py --quick               # smoke run, a few seconds
     python scripts/bench_attention.py --kinds mha,gated_linear --lengths 1024,4096 --repeats 7
+    python scripts/bench_attention.py --role bidirectional --kinds mha,linformer
 
-One module per kind (``build_attention(kind, heads * head_dim, heads, "causal")``, default
-knobs, or ``--set local.window=128``) on x (B, T, dim); one step = forward, ``sum().backward()``.
+One module per kind (``build_attention(kind, heads * head_dim, heads, role)``, default knobs,
+or ``--set local.window=128``) on x (B, T, dim); one step = forward, ``sum().backward()``. A
+kind with a ``max_len`` knob (linformer: E/F have max_len columns) gets the longest T benched
+unless ``--set`` gives it one; a step reads only the first T columns. Without ``--kinds``,
+the kinds that can fill the role.
 Kinds run interleaved (each repeat rotates their order) in one process; the median is reported.
 
 Two times per kind: ``module`` (the whole attention module, what a model pays) and ``mixing``
@@ -22,6 +27,7 @@ crossover length where a kind starts beating ``mha``, JSON and a PNG chart in ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,12 +43,13 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from minillm.attention import ATTENTION, build_attention
+from minillm.attention import ATTENTION, build_attention, kinds_for_role
 
 FULL_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 CLOCK_HELP = "cpu: process CPU time (robust on a shared machine, with --threads 1)"
 STAT_HELP = "statistic over repeats (min resists load from other processes)"
 SLOW_HELP = "drop a kind from longer T once its step took longer than this"
+ROLE_HELP = "role every module is built for (bidirectional: encoder-only kinds, e.g. linformer)"
 SET_HELP = "override a kind's knob, e.g. local.window=128 (repeatable)"
 
 
@@ -131,9 +138,7 @@ def bench_length(args: argparse.Namespace, t: int, kinds: list[str]) -> dict[str
     runs, floors = {}, {}
     for kind in kinds:
         torch.manual_seed(0)
-        module = build_attention(
-            {"kind": kind, **args.knobs.get(kind, {})}, dim, args.heads, "causal"
-        )
+        module = build_attention({"kind": kind, **knobs(args, kind)}, dim, args.heads, args.role)
         module = module.to(device)
         x = torch.randn(args.batch, t, dim, device=device, requires_grad=True)
         runs[kind] = lambda m=module, x=x: step(m, x, positions)
@@ -164,6 +169,13 @@ def bench_length(args: argparse.Namespace, t: int, kinds: list[str]) -> dict[str
             "peak_mb": peak_bytes(runs[kind], device) / 2**20,
         }
     return out
+
+
+def knobs(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """``--set`` knobs of ``kind``; a ``max_len`` knob defaults to the longest T benched."""
+    fields = {f.name for f in dataclasses.fields(ATTENTION[kind][0].Config)}
+    longest = {"max_len": max(args.length_list)} if "max_len" in fields else {}
+    return longest | args.knobs.get(kind, {})
 
 
 def crossover(lengths: list[int], ratio: list[float | None]) -> float | None:
@@ -243,7 +255,8 @@ def plot(results: dict[int, dict[str, dict]], kinds: list[str], path: Path) -> N
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kinds", default=",".join(ATTENTION), help="comma-separated registry keys")
+    p.add_argument("--kinds", default=None, help="comma-separated registry keys")
+    p.add_argument("--role", choices=("causal", "bidirectional"), default="causal", help=ROLE_HELP)
     p.add_argument("--lengths", default=",".join(map(str, FULL_LENGTHS)))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
@@ -266,6 +279,8 @@ def parse_args() -> argparse.Namespace:
         key, value = item.split("=", 1)
         kind, knob = key.split(".", 1)
         args.knobs.setdefault(kind, {})[knob] = json.loads(value)
+    args.kinds = args.kinds or ",".join(kinds_for_role(args.role))
+    args.length_list = sorted(int(t) for t in args.lengths.split(","))
     return args
 
 
@@ -274,7 +289,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     kinds = [k for k in args.kinds.split(",") if k]
-    lengths = sorted(int(t) for t in args.lengths.split(","))
+    lengths = args.length_list
     cuda = args.device.startswith("cuda")
     env = {
         "torch": torch.__version__,
@@ -310,7 +325,8 @@ def main() -> None:
         print(f"  {kind:>14}: " + ", ".join(cells))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "knobs"} | {"knobs": args.knobs}
+    config = {k: v for k, v in vars(args).items() if k != "knobs"}
+    config["knobs"] = {kind: knobs(args, kind) for kind in kinds}
     payload = {"config": config, "env": env, "results": results, "summary": summary}
     (out / "attention.json").write_text(json.dumps(payload, indent=1))
     plot(results, kinds, out / "attention.png")

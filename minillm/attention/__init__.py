@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from minillm.attention.additive import AdditiveAttention
 from minillm.attention.base import ROLES, Attention
 from minillm.attention.bounded_cache import RecurrentState, RollingKVCache
 from minillm.attention.cache import Cache, KVCache, fixed_shape_decoding
@@ -16,6 +17,7 @@ from minillm.attention.delta_net import DeltaNetAttention
 from minillm.attention.gated_delta_net import GatedDeltaNetAttention
 from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.linear import LinearAttention
+from minillm.attention.linformer import LinformerAttention
 from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
 from minillm.attention.performer import PerformerAttention
@@ -33,6 +35,8 @@ ATTENTION: dict[str, tuple[type[Attention], dict[str, Any]]] = {
     "gated_delta_net": (GatedDeltaNetAttention, {}),
     "sparse": (SparseAttention, {}),
     "performer": (PerformerAttention, {}),
+    "additive": (AdditiveAttention, {}),
+    "linformer": (LinformerAttention, {}),
 }
 
 __all__ = [

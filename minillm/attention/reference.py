@@ -13,11 +13,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from minillm.attention.additive import AdditiveAttention
 from minillm.attention.base import Attention
 from minillm.attention.delta_net import DeltaNetAttention
 from minillm.attention.gated_delta_net import GatedDeltaNetAttention
 from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.linear import LinearAttention
+from minillm.attention.linformer import LinformerAttention
 from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
 from minillm.attention.performer import PerformerAttention
@@ -192,6 +194,71 @@ def gated_linear_reference(
     out = (out * rms * attn.o_norm.weight).transpose(1, 2).reshape(b, t, attn.value_dim)
     gate = _project(attn.g_proj, x)
     return _project(attn.o_proj, out * gate * torch.sigmoid(gate))
+
+
+def additive_reference(
+    attn: AdditiveAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """w_h^T tanh(W_q q + W_k k) for one query at a time over the keys mha's masks allow
+    (a causal query always sees itself), softmax, sum of values; no RoPE."""
+    b, t, _ = x.shape
+    src = memory if attn.role == "cross" else x
+    s = src.shape[1]
+    a = _split_heads(_project(attn.q_proj, x), attn.n_heads)  # (B, H, T, A)
+    k = _split_heads(_project(attn.k_proj, src), attn.n_heads)  # (B, H, S, A)
+    v = _split_heads(_project(attn.v_proj, src), attn.n_heads)  # (B, H, S, D)
+    valid = mask if mask is not None else torch.ones(b, s, dtype=torch.bool)
+    out = torch.zeros(b, attn.n_heads, t, attn.head_dim, dtype=x.dtype)
+    for row in range(b):
+        for i in range(t):
+            if attn.causal:
+                keys = [j for j in range(i + 1) if valid[row, j] or j == i]
+            else:
+                keys = [j for j in range(s) if valid[row, j]]
+            z = torch.tanh(a[row, :, i, None, :] + k[row][:, keys])  # (H, n, A)
+            scores = (z * attn.score[:, None, :]).sum(-1)  # (H, n)
+            out[row, :, i] = (scores.softmax(-1)[..., None] * v[row][:, keys]).sum(1)
+    return _project(attn.o_proj, out.transpose(1, 2).reshape(b, t, attn.dim))
+
+
+def linformer_reference(
+    attn: LinformerAttention,
+    x: Tensor,
+    *,
+    positions: Tensor,
+    memory: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Keys and values summed along the sequence one real token at a time (the r-th real
+    token weighted by column r of E, F), then a full softmax per query over the k rows."""
+    b, t, _ = x.shape
+    src = memory if attn.role == "cross" else x
+    s, h, d = src.shape[1], attn.n_heads, attn.head_dim
+    q = _split_heads(_project(attn.q_proj, x), h)  # (B, H, T, D)
+    k = _split_heads(_project(attn.k_proj, src), h)  # (B, H, S, D)
+    v = _split_heads(_project(attn.v_proj, src), h)
+    e = attn.e_proj.expand(h, -1, -1)  # (H, k, max_len), shared or per head
+    f = (attn.e_proj if attn.f_proj is None else attn.f_proj).expand(h, -1, -1)
+    valid = mask if mask is not None else torch.ones(b, s, dtype=torch.bool)
+    out = torch.zeros_like(q)
+    for row in range(b):
+        k_rows = torch.zeros(h, attn.cfg.k, d, dtype=x.dtype)
+        v_rows = torch.zeros(h, attn.cfg.k, d, dtype=x.dtype)
+        real = 0
+        for j in range(s):
+            if valid[row, j]:
+                k_rows = k_rows + e[:, :, real, None] * k[row, :, j, None, :]
+                v_rows = v_rows + f[:, :, real, None] * v[row, :, j, None, :]
+                real += 1
+        for i in range(t):
+            scores = (k_rows @ q[row, :, i, :, None]).squeeze(-1) / math.sqrt(d)  # (H, k)
+            out[row, :, i] = (scores.softmax(-1)[..., None] * v_rows).sum(1)
+    return _project(attn.o_proj, out.transpose(1, 2).reshape(b, t, attn.dim))
 
 
 def delta_rule_reference(
@@ -386,4 +453,6 @@ REFERENCES: dict[type[Attention], Callable[..., Tensor]] = {
     GatedDeltaNetAttention: gated_delta_net_reference,
     SparseAttention: sparse_reference,
     PerformerAttention: performer_reference,
+    AdditiveAttention: additive_reference,
+    LinformerAttention: linformer_reference,
 }
