@@ -101,7 +101,7 @@ def test_attention_map_script_takes_the_prompt_verbatim(exported: Path, tmp_path
     [
         (evaluate, ["metric: ppl", "window: null", "on_malformed: fail"]),
         (export, ["ckpt: ???", "out: ???", "overwrite: false"]),
-        (attention_map, ["prompt: ???", "layer: 0", "head: null", "labels: 64"]),
+        (attention_map, ["prompt: null", "image: null", "index: null", "layer: 0", "labels: 64"]),
         (report, ["sweep: ???", "bench: null", "new_tokens: 16", "device: auto"]),
     ],
     ids=["evaluate", "export", "attention_map", "report"],

@@ -148,6 +148,9 @@ BAD_VALUES = [
     ("attn=gqa attn.n_kv_heads=3", "n_kv_heads=3"),
     ("attn=local attn.window=0", "window"),
     ("-m attn=mha,nope", "nope"),
+    ("mlp=nope", "moe, swiglu"),
+    ("mlp.n_experts=4", "mlp.n_experts"),  # a knob of moe, not of the default swiglu
+    ("mlp=moe mlp.top_k=9", "top_k=9"),
 ]
 
 
@@ -162,6 +165,7 @@ def test_bad_value_is_one_line_and_exit_2(args: str, named: str, capsys) -> None
 
 def test_good_command_line_passes_the_check() -> None:
     check_command_line("train", validate, ["model=tiny", "attn=local", "attn.window=8"])
+    check_command_line("train", validate, ["model=tiny", "mlp=moe", "mlp.n_experts=4"])
     check_command_line("train", validate, ["-m", "attn=mha,linear", "model=tiny"])
 
 
@@ -180,5 +184,5 @@ def test_train_py_help_lists_groups_and_keys() -> None:
         [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for word in ("attn:", "gated_linear", "max_steps", "MINILLM_TRACEBACK"):
+    for word in ("attn:", "gated_linear", "mlp: moe, swiglu", "max_steps", "MINILLM_TRACEBACK"):
         assert word in proc.stdout

@@ -1,10 +1,12 @@
-"""Mixture-of-experts feed-forward (``model.mlp=moe``): the sorted dispatch equals a per-token
-loop over the chosen experts (outputs and gradients), the router losses reach the training
-loss, and every model, attention kind, checkpoint, export and generation path works with it."""
+"""Mixture-of-experts feed-forward (``mlp=moe``, the ``mlp`` group): the sorted dispatch equals
+a per-token loop over the chosen experts (outputs and gradients), the router losses reach the
+training loss, and every model, attention kind, checkpoint, export and generation path works
+with it; checkpoints from before the group (``mlp="swiglu"``) resume and export alike."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -17,11 +19,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minillm import load_checkpoint, load_pretrained, save_pretrained
 from minillm.attention import kinds_for_role
+from minillm.cli.app import check_command_line
+from minillm.cli.train import validate
+from minillm.hf.export import check_exportable
 from minillm.models import ModelConfig, build_model
 from minillm.models.flops import forward_flops_per_token
-from minillm.models.mlp import MLPS, build_mlp
+from minillm.models.mlp import MLPS, build_mlp, mlp_config
 from minillm.models.moe import MoEMLP
 from minillm.models.sizing import match_params
+from minillm.training.finetune import check_resume, differences, is_explicit
 from minillm.training.module import LMModule
 from minillm.training.run import train
 
@@ -117,7 +123,7 @@ def test_bad_mlp_config_is_one_line_error_at_config_build(mlp, error: str) -> No
         ModelConfig(**TINY, mlp=mlp)
 
 
-@pytest.mark.parametrize("kind", kinds_for_role("causal"))
+@pytest.mark.parametrize("kind", sorted(kinds_for_role("causal")))
 def test_decoder_with_moe_and_every_attention_kind(kind: str) -> None:
     torch.manual_seed(0)
     model = build_model({**TINY, "attn": {"kind": kind}, "mlp": "moe"})
@@ -166,17 +172,76 @@ def test_match_params_matches_active_params_for_moe() -> None:
     assert abs(gap) <= TINY["n_layers"] * 3 * TINY["dim"] * 2  # rounding of hidden to top_k
 
 
-def test_registry_kinds_compose_from_the_command_line() -> None:
+@pytest.mark.parametrize("kind", sorted(MLPS))
+def test_every_registry_kind_is_an_mlp_option_without_yaml(kind: str) -> None:
+    cfg = compose([f"mlp={kind}"])
+    _, resolved = mlp_config(kind)
+    assert cfg["mlp"] == {"kind": kind, **dataclasses.asdict(resolved)}
+    assert cfg["model"]["mlp"] == cfg["mlp"]  # the model reads the mlp group
+
+
+def test_mlp_group_takes_knob_overrides_and_model_mlp_still_works() -> None:
+    assert compose([])["model"]["mlp"] == {"kind": "swiglu"}
+    cfg = compose(["mlp=moe", "mlp.n_experts=4", "mlp.top_k=1"])["model"]["mlp"]
+    assert (cfg["kind"], cfg["n_experts"], cfg["top_k"]) == ("moe", 4, 1)
+    assert cfg["shared_expert"] is False  # the knobs not given: MoEMLP.Config's defaults
+    # the form used before the group: replaces the node with the kind (its defaults)
     assert compose(["model.mlp=moe"])["model"]["mlp"] == "moe"
     cfg = compose(["model.mlp={kind:moe,n_experts:4,top_k:1}"])["model"]["mlp"]
     assert cfg == {"kind": "moe", "n_experts": 4, "top_k": 1}
     assert set(MLPS) == {"swiglu", "moe"}
 
 
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        (["mlp.n_experts=4"], "unknown option mlp.n_experts"),  # swiglu has no knobs
+        (["mlp=nope"], "Could not find 'mlp/nope'; valid choices for mlp: moe, swiglu"),
+        (["mlp=moe", "mlp.top_k=9"], "model.mlp.top_k=9: must be at most"),
+    ],
+)
+def test_bad_mlp_group_override_exits_2_with_one_line(
+    overrides: list[str], error: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        check_command_line("train", validate, ["model=tiny", *overrides])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error in err and err.count("\n") == 1
+
+
+def test_string_mlp_of_older_checkpoints_equals_the_group_dict() -> None:
+    """Checkpoints written before the mlp group store ``mlp="swiglu"``: they resume, fine-tune
+    and export as the ``{"kind": "swiglu"}`` the group now stores."""
+    old, new = ModelConfig(**TINY, mlp="swiglu"), ModelConfig(**TINY, mlp={"kind": "swiglu"})
+    assert differences(old, new, ()) == []
+    ckpt = {"hyper_parameters": {"model": old.to_dict(), "optim": {}}, "tokenizer": "{}"}
+    check_resume("old.ckpt", ckpt, new.to_dict(), {})  # no error
+    moe = compose(["model=tiny", "mlp=moe", "mlp.n_experts=4"])["model"]
+    with pytest.raises(
+        ValueError, match=r"mlp\.kind: 'swiglu' \(checkpoint\) vs 'moe'.*\bmlp=swiglu"
+    ):
+        check_resume("old.ckpt", ckpt, {**moe, **TINY}, {})
+    ckpt["hyper_parameters"]["model"] = {**moe, **TINY}
+    with pytest.raises(
+        ValueError, match=r"mlp\.n_experts: 4 \(checkpoint\) vs 8.*mlp\.n_experts=4"
+    ):
+        check_resume("moe.ckpt", ckpt, {**moe, **TINY, "mlp": {"kind": "moe"}}, {})
+    for cfg in (old, new):
+        check_exportable(cfg)  # the plain SwiGLU is a Llama MLP in either form
+    with pytest.raises(ValueError, match=r"cannot express mlp\.kind='moe'"):
+        check_exportable(ModelConfig(**TINY, mlp={"kind": "moe"}))
+
+
+def test_mlp_overrides_count_as_set_for_fine_tuning() -> None:
+    assert is_explicit("mlp.n_experts", ["mlp.n_experts=8"])
+    assert is_explicit("mlp.n_experts", ["mlp=moe"]) and is_explicit("mlp.kind", ["model.mlp=moe"])
+    assert not is_explicit("mlp.kind", ["model=tiny"])  # a model preset leaves the mlp group
+
+
 @pytest.fixture(scope="module")
 def moe_run(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("moe_run")
-    overrides = tiny_overrides(corpus_file, "model.mlp={kind:moe,n_experts:4}")
+    overrides = tiny_overrides(corpus_file, "mlp=moe", "mlp.n_experts=4")
     return run_dir, train(compose(overrides), run_dir)
 
 
@@ -203,7 +268,7 @@ def test_checkpoint_export_resume_and_generation(
     ids = torch.tensor([tokenizer.encode("The Congress of the United States").ids])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
-    overrides = tiny_overrides(corpus_file, "model.mlp={kind:moe,n_experts:4}")
+    overrides = tiny_overrides(corpus_file, "mlp=moe", "mlp.n_experts=4")
     resumed = train(compose([*overrides, "ckpt_path=last", "trainer.max_steps=6"]), run_dir)
     assert resumed["global_step"] == 6
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,14 @@ def test_evaluate_accuracy_scores_the_test_split(vit_run: dict, tmp_path: Path) 
         evaluate_cli.validate(compose_command("evaluate", [*argv, "stride=4"]))
     with pytest.raises(ValueError, match=r"^split='all': choose one of"):
         evaluate_cli.validate(compose_command("evaluate", [*argv, "split=all"]))
+
+
+def test_metrics_json_carries_the_final_accuracy(vit_run: dict) -> None:
+    """Like val ppl for an LM: the run's summary file holds its final accuracy and top-5."""
+    metrics = json.loads((Path(vit_run["run_dir"]) / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(Path(vit_run["run_dir"]) / "logs" / "metrics.csv")))
+    last = [r for r in rows if r.get("val/accuracy")][-1]
+    assert metrics["val_accuracy"] == pytest.approx(float(last["val/accuracy"]))
+    assert metrics["val_top5_accuracy"] == pytest.approx(float(last["val/top5_accuracy"]))
+    assert 0 <= metrics["val_accuracy"] <= metrics["val_top5_accuracy"] <= 1
+    assert metrics["recall_acc"] is None and metrics["bits_per_byte"] is None

@@ -1,17 +1,28 @@
 """``python scripts/attention_map.py`` / ``minillm-attention-map``: a heatmap of what one
-attention layer attends to for a prompt.
+attention layer attends to for a prompt, or for an image (``model.arch=vit``).
 
     minillm-attention-map ckpt=outputs/<run>/checkpoints/best.ckpt prompt="To be, or not"
     minillm-attention-map ckpt=... prompt="..." layer=2 head=1 out=map.png
     minillm-attention-map ckpt=<exported folder> prompt="..." layer=-1      # all heads
+    minillm-attention-map ckpt=<vit run>/checkpoints/best.ckpt index=7      # test image 7
+    minillm-attention-map ckpt=<vit checkpoint or folder> image=photo.png layer=-1
 
-``prompt=`` is taken verbatim (commas, colons, brackets and quotes included), so it cannot
-be swept with ``-m``. The block's input is captured with a forward hook on
-``blocks[layer].attn`` during one forward of the prompt, then the kind's ``attention_weights``
-gives the (T, T) token-mixing weights: softmax weights for softmax kinds (``mha``/``mqa``/
-``gqa``, ``local`` within its window), phi(q_t) . phi(k_s) normalised over the keys for
-``linear``, and the decayed q_t . (prod alpha) . k_s for ``gated_linear`` (not a
-distribution: a diverging colour map centred on 0 is used when weights are negative).
+``prompt=`` and ``image=`` are taken verbatim (commas, colons, brackets and quotes included),
+so they cannot be swept with ``-m``. The block's input is captured with a forward hook on
+``blocks[layer].attn`` during one forward, then the kind's ``attention_weights`` gives the
+(T, T) token-mixing weights: softmax weights for softmax kinds (``mha``/``mqa``/``gqa``,
+``local`` within its window), phi(q_t) . phi(k_s) normalised over the keys for ``linear``, and
+the decayed q_t . (prod alpha) . k_s for ``gated_linear`` (not a distribution: a diverging
+colour map centred on 0 is used when weights are negative).
+
+A ViT's map is one row of those weights per head, laid over the image on the patch grid:
+with ``pool=cls`` the class token's row (what the classifier's input attends to; the class
+token's weight on itself is left out, so a softmax row sums to 1 minus it), with
+``pool=mean`` the mean over every patch's row (the attention each patch receives on
+average, the mean-pooled state being the mean of every patch's output). The image is
+``image=<file>``, converted and resized to the model's channels and size as
+``data=imagefolder`` does, or ``index=<N>``: image N of ``split=`` (default test) of the data
+set a ``.ckpt`` was trained on (an exported folder carries no data config).
 """
 
 from __future__ import annotations
@@ -22,14 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from minillm import checks
 from minillm.checkpoint import load_pretrained
 from minillm.cli.app import hydra_app
+
+SPLITS = ("train", "validation", "test")
+DPI = 110
+PANEL = 3.0  # inches a side of one head's panel in a ViT map (330 pixels at DPI)
 
 
 @dataclass
@@ -37,7 +54,10 @@ class AttentionMapConfig:
     """conf/attention_map.yaml."""
 
     ckpt: str = MISSING  # a .ckpt file or an exported folder
-    prompt: str = MISSING  # taken verbatim
+    prompt: str | None = None  # a language model's input, taken verbatim
+    image: str | None = None  # a ViT's input: an image file (png, jpg, ...)
+    index: int | None = None  # ... or image N of the .ckpt's data set, split ``split``
+    split: str = "test"  # with index=: train, validation or test
     layer: int = 0  # block index; negative counts from the end
     head: int | None = None  # None: every head, one panel each
     out: str | None = None  # PNG path; default <ckpt>.attn_L<layer>_H<head>.png beside it
@@ -46,10 +66,24 @@ class AttentionMapConfig:
     def __post_init__(self) -> None:
         checks.integer("head", self.head, low=0, optional=True)
         checks.integer("labels", self.labels, low=0)
+        checks.integer("index", self.index, low=0, optional=True)
+        checks.choice("split", self.split, SPLITS)
+        given = [k for k in ("prompt", "image", "index") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"prompt is required: pass prompt=<text> for a language model, or image=<file> "
+                f"or index=<N> for a ViT (one of them; given: {', '.join(given) or 'none'})"
+            )
+        if self.image is not None and not Path(self.image).is_file():
+            raise FileNotFoundError(
+                f"image={self.image}: no such file; pass image=<an image file> (png, jpg, ...) "
+                "or index=<N> for image N of the checkpoint's test split"
+            )
 
 
 def capture_weights(model: nn.Module, ids: Tensor, layer: int) -> Tensor:
-    """Mixing weights (H, T, T) of block ``layer``'s self-attention for one prompt (1, T)."""
+    """Mixing weights (H, T, T) of block ``layer``'s self-attention for one input: a prompt
+    (1, T), or an image (1, C, S, S) whose T tokens are the ViT's (class token first)."""
     attn = model.blocks[layer].attn
     seen: dict[str, Any] = {}
 
@@ -91,7 +125,7 @@ def plot(weights: Tensor, heads: list[int], tokens: list[str], title: str, path:
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -101,23 +135,140 @@ def attention_map(args: AttentionMapConfig) -> Path:
     n_layers = len(model.blocks)
     if not -n_layers <= args.layer < n_layers:
         raise ValueError(f"layer={args.layer}: the model has {n_layers} blocks")
-    layer = args.layer % n_layers
+    vit = model.cfg.arch == "vit"
+    if vit == (args.prompt is not None):
+        given = "prompt=" if args.prompt is not None else "image=/index="
+        wanted = "image=<file> or index=<N>" if vit else "prompt=<text>"
+        raise ValueError(f"{given}: the checkpoint is model.arch={model.cfg.arch}; pass {wanted}")
+    out = (image_map if vit else text_map)(args, model, tokenizer, args.layer % n_layers)
+    print(f"wrote {out}")
+    return out
+
+
+def _heads(args: AttentionMapConfig, weights: Tensor, layer: int) -> list[int]:
+    n_heads = weights.shape[0]
+    if args.head is not None and args.head >= n_heads:
+        raise ValueError(f"head={args.head}: layer {layer} has {n_heads} heads")
+    return list(range(n_heads)) if args.head is None else [args.head]
+
+
+def _out(args: AttentionMapConfig, layer: int, source: str = "") -> Path:
+    which = "all" if args.head is None else args.head
+    return Path(args.out or f"{args.ckpt.rstrip('/')}.attn_L{layer}_H{which}{source}.png")
+
+
+def text_map(args: AttentionMapConfig, model: nn.Module, tokenizer: Tokenizer, layer: int) -> Path:
+    """The (T, T) weights of the prompt, one panel per head; returns the PNG path."""
     ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not ids:
         raise ValueError(f"prompt={args.prompt!r} encodes to no tokens")
     weights = capture_weights(model, torch.tensor([ids]), layer)  # (H, T, T)
-    n_heads = weights.shape[0]
-    if args.head is not None and args.head >= n_heads:
-        raise ValueError(f"head={args.head}: layer {layer} has {n_heads} heads")
-    heads = list(range(n_heads)) if args.head is None else [args.head]
+    heads = _heads(args, weights, layer)
     tokens = [tokenizer.decode([i]).replace("\n", "\\n").replace(" ", "\u2423") for i in ids]
     tokens = tokens if len(ids) <= args.labels else []
-    kind = model.cfg.attn.get("kind", "?")
-    which = "all" if args.head is None else args.head
-    out = Path(args.out or f"{args.ckpt.rstrip('/')}.attn_L{layer}_H{which}.png")
-    plot(weights, heads, tokens, f"{kind}: layer {layer}, {len(ids)} tokens", out)
-    print(f"wrote {out}")
+    title = f"{model.cfg.attn_label}: layer {layer}, {len(ids)} tokens"
+    out = _out(args, layer)
+    plot(weights, heads, tokens, title, out)
     return out
+
+
+def image_map(args: AttentionMapConfig, model: nn.Module, tokenizer: Tokenizer, layer: int) -> Path:
+    """A ViT's weights on the patch grid over the image (module docstring); the PNG path."""
+    pixels, caption, source = image_input(args, model.cfg, tokenizer)  # (1, C, S, S)
+    weights = capture_weights(model, pixels, layer)  # (H, T, T)
+    heads = _heads(args, weights, layer)
+    with torch.no_grad():
+        predicted = tokenizer.id_to_token(int(model(pixels).argmax()))
+    grid = patch_weights(weights, model.cfg.pool, model.grid)  # (H, g, g)
+    how = "class token" if model.cfg.pool == "cls" else "mean over queries"
+    title = f"{model.cfg.attn_label}: layer {layer}, {how}; {caption}predicted {predicted}"
+    out = _out(args, layer, source)
+    plot_patches(grid, pixels[0], heads, title, out)
+    return out
+
+
+def image_input(
+    args: AttentionMapConfig, cfg: Any, tokenizer: Tokenizer
+) -> tuple[Tensor, str, str]:
+    """(pixels (1, C, S, S) in [0, 1], "label <name>, " or "", a file-name suffix)."""
+    if args.image is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        mode, size = ("L" if cfg.channels == 1 else "RGB"), cfg.image_size
+        try:
+            with Image.open(args.image) as img:
+                img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+                pixels = torch.from_numpy(np.array(img, dtype=np.uint8).reshape(size, size, -1))
+        except UnidentifiedImageError as err:
+            raise ValueError(f"image={args.image}: not an image file PIL can read") from err
+        pixels = pixels.permute(2, 0, 1).float() / 255.0  # (C, S, S), as data=imagefolder
+        return pixels[None], "", f"_{Path(args.image).stem}"
+    from minillm.cli.evaluate_images import IMAGE_TASKS, image_data_config
+    from minillm.evaluation.documents import checkpoint_data
+
+    if Path(args.ckpt).is_dir():
+        raise ValueError(
+            f"index={args.index}: {args.ckpt} is an exported folder, which carries no data "
+            "config; pass its .ckpt, or image=<file>"
+        )
+    data_cfg = image_data_config(checkpoint_data(args.ckpt, "image=<file>"))
+    data = IMAGE_TASKS[data_cfg.task](data_cfg, max_len=1, batch_size=1, tokenizer=tokenizer)
+    data.setup("test")
+    images, labels = data.sets[args.split]
+    if args.index >= len(labels):
+        raise ValueError(
+            f"index={args.index}: the {args.split} split has {len(labels)} images "
+            f"(index=0 to {len(labels) - 1})"
+        )
+    pixels = images[args.index].float() / data.scale  # (C, S, S) in [0, 1]
+    label = tokenizer.id_to_token(int(labels[args.index]))
+    return pixels[None], f"label {label}, ", f"_{args.split}{args.index}"
+
+
+def patch_weights(weights: Tensor, pool: str, grid: int) -> Tensor:
+    """(H, T, T) ViT weights -> (H, g, g): the class token's row over the patches (cls), or
+    the mean over every query of the weight on each patch (mean)."""
+    if pool == "cls":
+        rows = weights[:, 0, 1:]  # (H, g*g)
+    else:
+        rows = weights.mean(dim=1)  # (H, g*g)
+    return rows.reshape(-1, grid, grid)  # (H, g, g), raster order
+
+
+def plot_patches(grid: Tensor, image: Tensor, heads: list[int], title: str, path: Path) -> None:
+    """One panel per head: ``image`` (C, S, S) with the head's (g, g) weights over it, each
+    patch's weight filling its square, and the image's outline (cyan contour) on top.
+    ``PANEL`` inches a panel at ``DPI``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, image = grid.float().cpu(), image.float().cpu()
+    signed = bool((grid < 0).any())
+    limit = float(grid.abs().max()) or 1.0
+    style = dict(cmap="RdBu_r", vmin=-limit, vmax=limit) if signed else dict(cmap="inferno")
+    size = image.shape[-1]
+    picture = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)  # (S, S) or (S, S, 3)
+    gray = image.mean(0)  # (S, S): its mid-level contour outlines the image over the heat map
+    level = float(gray.min() + gray.max()) / 2
+    cols = min(len(heads), 4)
+    rows = -(-len(heads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL * cols, PANEL * rows), squeeze=False)
+    for ax in axes.flat[len(heads) :]:
+        ax.axis("off")
+    extent = (0, size, size, 0)
+    for ax, h in zip(axes.flat, heads, strict=False):
+        ax.imshow(picture, cmap="gray", vmin=0, vmax=1, extent=extent, interpolation="nearest")
+        heat = ax.imshow(grid[h], alpha=0.6, extent=extent, interpolation="nearest", **style)
+        if gray.max() > gray.min():  # a blank image has no outline
+            ax.contour(gray, [level], colors="cyan", linewidths=1, extent=extent, origin="upper")
+        ax.set(title=f"head {h}", xticks=[], yticks=[])
+        fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
 
 
 def validate(cfg: dict[str, Any]) -> AttentionMapConfig:
@@ -146,8 +297,8 @@ def _command(cfg: DictConfig) -> Path:
 
 
 def main() -> None:
-    """The command, ``prompt=`` taken verbatim."""
-    sys.argv[1:] = verbatim(sys.argv[1:], "prompt")
+    """The command, ``prompt=`` and ``image=`` taken verbatim."""
+    sys.argv[1:] = verbatim(verbatim(sys.argv[1:], "prompt"), "image")
     _command()
 
 

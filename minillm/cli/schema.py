@@ -5,6 +5,10 @@ lives. ``conf/*.yaml`` hold what differs from these defaults, nothing else.
   groups ``model`` (ModelConfig), ``trainer``, ``optim``, ``logger``.
 - ``attn/<kind>``: one node per attention registry key, generated from the kind's ``Config``
   and its registry preset, so a new kind needs no YAML (a YAML only for a further preset).
+- ``mlp/<kind>``: likewise one node per feed-forward registry key (``MLPS``), from its
+  ``Config``: ``mlp=moe mlp.n_experts=4``. ``conf/train.yaml`` points ``model.mlp`` at it, so
+  the stored model config holds ``{"kind": ..., **knobs}``; ``model.mlp=<kind>`` still
+  replaces the whole node with that kind's defaults (the form runs before the group used).
 - ``data/base_<task>``: the schema of each data task; ``conf/data/*.yaml`` start from one.
 
 Composition then rejects unknown keys and values of the wrong type; ranges are checked by
@@ -22,6 +26,7 @@ from hydra.core.config_store import ConfigStore
 
 from minillm.attention import ATTENTION, attention_config
 from minillm.models import ModelConfig
+from minillm.models.mlp import MLPS
 from minillm.training import LoggerConfig, OptimConfig, TrainerConfig
 from minillm.training.run import DATA_MODULES, RunConfig
 
@@ -32,6 +37,7 @@ class TrainSchema(RunConfig):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     attn: Any = None  # an attn/<kind> node (attention_schema)
+    mlp: Any = None  # an mlp/<kind> node (mlp_schema)
     data: Any = None  # a data/<option> node, built on a data/base_<task> schema
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -48,12 +54,24 @@ def attention_schema(kind: str) -> type:
     return dataclasses.make_dataclass(f"{kind}_attention", fields)
 
 
+def mlp_schema(kind: str) -> type:
+    """A dataclass ``{kind: <key>, **Config fields}`` with the kind's ``Config`` defaults."""
+    cls = MLPS[kind]
+    hints = typing.get_type_hints(cls.Config)
+    fields = [("kind", str, field(default=kind))]
+    for f in dataclasses.fields(cls.Config):
+        fields.append((f.name, hints[f.name], field(default=f.default)))
+    return dataclasses.make_dataclass(f"{kind}_mlp", fields)
+
+
 def register() -> None:
     """Put every schema into Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
     for kind in ATTENTION:
         cs.store(group="attn", name=kind, node=attention_schema(kind))
+    for kind in MLPS:
+        cs.store(group="mlp", name=kind, node=mlp_schema(kind))
     for task, module in DATA_MODULES.items():
         cs.store(group="data", name=f"base_{task}", node=module.Config)
 

@@ -32,7 +32,7 @@ def validate(cfg: dict[str, Any]) -> None:
 
 
 def dataclass_groups() -> set[str]:
-    return {"model", "attn", "data", *GROUPS}
+    return {"model", "attn", "mlp", "data", *GROUPS}
 
 
 @hydra_app("train", validate)

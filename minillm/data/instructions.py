@@ -1,14 +1,15 @@
 """Instruction data: jsonl records of a prompt and a response; the loss is on the response.
 
-A record becomes ``format_prompt(prompt, template)`` ids + response ids + <eos>; the inputs
+A record becomes ``format_prompt(prompt, template)`` ids + response ids + eos; the inputs
 are all but the last token, the labels all but the first, with -100 wherever the label is a
 prompt token, so the model learns to answer, not to write prompts. Prompt and response are
 tokenized apart (as ``scripts/generate.py`` tokenizes a prompt), so generation with the same
 template starts from exactly the ids training saw. Too-long records keep the end of the
 prompt and as much of the response as fits (counted in the log).
 
-Batches are right-padded to their longest record (<pad> inputs, -100 labels) and carry no
-mask: the decoder is causal, so padding after a token never changes what it sees. The
+Batches are right-padded to their longest record (pad inputs, -100 labels) and carry no
+mask: the decoder is causal, so padding after a token never changes what it sees. The eos
+and pad ids are the tokenizer's (``SpecialTokens``), wherever it keeps them. The
 training order is the ``ResumableBatchSampler`` stream over records: exact resume, DDP shards.
 """
 
@@ -20,6 +21,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from minillm.checkpoint import read_checkpoint
 from minillm.data.base import TrainingDataModule, coerce_config
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.sources import DataConfig, check_data_options
-from minillm.data.tokenizer import EOS_ID, PAD_ID, check_special_tokens, load_or_train_tokenizer
+from minillm.data.tokenizer import SpecialTokens, load_or_train_tokenizer
 
 DEFAULT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 
@@ -142,6 +144,7 @@ class InstructionsDataModule(TrainingDataModule):
         super().__init__(data, **kwargs)
         self.train: list[tuple[np.ndarray, int]] | None = None  # (ids, prompt length)
         self.valid: list[tuple[np.ndarray, int]] | None = None
+        self.special: SpecialTokens | None = None  # the tokenizer's ids, set by setup()
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split, tokenize; idempotent and usable without a trainer."""
@@ -153,7 +156,7 @@ class InstructionsDataModule(TrainingDataModule):
             texts = [t for p, r in train for t in (format_prompt(p, self.cfg.template), r)]
             cfg = DataConfig(**{k: getattr(self.cfg, k) for k in settings})
             self.tokenizer = load_or_train_tokenizer(cfg, texts, self.cache_dir)
-        check_special_tokens(self.tokenizer)
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.train, self.valid = self._encode(train, "train"), self._encode(valid, "validation")
         self.num_train_tokens = int(sum(len(ids) for ids, _ in self.train))
@@ -182,7 +185,7 @@ class InstructionsDataModule(TrainingDataModule):
         response_ids = encode([r for _, r in records], add_special_tokens=False)
         out, cut = [], 0
         for p, r in zip(prompt_ids, response_ids, strict=True):
-            ids, n_prompt = fit_example(p.ids, r.ids + [EOS_ID], self.max_len + 1)
+            ids, n_prompt = fit_example(p.ids, r.ids + [self.special.eos], self.max_len + 1)
             cut += len(ids) < len(p.ids) + len(r.ids) + 1
             out.append((np.asarray(ids, dtype=np.int64), n_prompt))
         if cut:
@@ -215,7 +218,7 @@ class InstructionsDataModule(TrainingDataModule):
     def _loader(self, examples: list[tuple[np.ndarray, int]], **batching: Any) -> DataLoader:
         return DataLoader(
             examples,
-            collate_fn=collate,
+            collate_fn=partial(collate, pad_id=self.special.pad),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             **batching,
@@ -243,10 +246,10 @@ def _labels(examples: list[tuple[np.ndarray, int]]) -> np.ndarray:
     return np.concatenate([ids[max(n_prompt, 1) :] for ids, n_prompt in examples])
 
 
-def collate(examples: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+def collate(examples: list[tuple[np.ndarray, int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) inputs and labels; labels of prompt tokens and padding are -100."""
     t = max(len(ids) for ids, _ in examples) - 1
-    input_ids = torch.full((len(examples), t), PAD_ID, dtype=torch.long)
+    input_ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), t), -100, dtype=torch.long)
     for row, (ids, n_prompt) in enumerate(examples):
         ids = torch.from_numpy(ids)

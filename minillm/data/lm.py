@@ -1,8 +1,10 @@
 """Language-modelling data: documents -> token stream -> fixed blocks of max_len + 1.
 
-Each document's tokens are followed by <eos> and the documents are concatenated, then cut
-into non-overlapping blocks of `max_len + 1` tokens; a block gives `input_ids` (all but
-the last token) and `labels` (all but the first). The train remainder is dropped.
+Each document's tokens (without the tokenizer's template, e.g. Llama's leading <s>) are
+followed by the tokenizer's end-of-sequence id (`SpecialTokens`) and the documents are
+concatenated, then cut into non-overlapping blocks of `max_len + 1` tokens; a block gives
+`input_ids` (all but the last token) and `labels` (all but the first). The train remainder
+is dropped.
 """
 
 from __future__ import annotations
@@ -22,15 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from minillm.data.base import TrainingDataModule
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.sources import DataConfig, load_documents
-from minillm.data.tokenizer import (
-    EOS_ID,
-    check_special_tokens,
-    corpus_fingerprint,
-    load_or_train_tokenizer,
-)
+from minillm.data.tokenizer import SpecialTokens, corpus_fingerprint, load_or_train_tokenizer
 
 # Bump when a change here makes previously cached token files wrong.
-TOKENIZED_VERSION = 1
+TOKENIZED_VERSION = 2  # 2: encoded without the tokenizer's template (add_special_tokens=False)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +48,7 @@ class LMDataModule(TrainingDataModule):
         super().__init__(data, **kwargs)
         self.train_blocks: np.ndarray | None = None  # (n_train_blocks, max_len + 1) int32
         self.valid_blocks: np.ndarray | None = None  # (n_valid_blocks, <= max_len + 1) int32
+        self.special: SpecialTokens | None = None  # the tokenizer's ids, set by setup()
 
     def prepare_data(self) -> None:
         # Runs on one process per node first, so the other ranks' setup() hits the caches.
@@ -66,7 +64,7 @@ class LMDataModule(TrainingDataModule):
             self.tokenizer = load_or_train_tokenizer(
                 self.cfg, docs["train"], self.cache_dir, fingerprint=train_fp
             )
-        check_special_tokens(self.tokenizer)
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
         self.vocab_size = self.tokenizer.get_vocab_size()
         tok_hash = hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
         train = self._token_stream(docs["train"], train_fp, tok_hash, "train")
@@ -99,7 +97,7 @@ class LMDataModule(TrainingDataModule):
     def _token_stream(
         self, docs: datasets.Dataset, fingerprint: str, tok_hash: str, split: str
     ) -> np.ndarray:
-        """All documents' ids with <eos> after each, concatenated; cached as Arrow."""
+        """All documents' ids with eos after each, concatenated; cached as Arrow."""
         key = hashlib.sha256(f"{fingerprint}|{tok_hash}|v{TOKENIZED_VERSION}".encode()).hexdigest()[
             :20
         ]
@@ -107,7 +105,7 @@ class LMDataModule(TrainingDataModule):
         os.makedirs(folder, exist_ok=True)
         ids = docs.map(
             _encode,
-            fn_kwargs={"tokenizer": self.tokenizer},
+            fn_kwargs={"tokenizer": self.tokenizer, "eos": self.special.eos},
             input_columns="text",
             batched=True,
             remove_columns=docs.column_names,
@@ -181,8 +179,9 @@ class LMDataModule(TrainingDataModule):
         return float(np.exp(-log_p[labels].mean()))
 
 
-def _encode(texts: list[str], tokenizer: Tokenizer) -> dict[str, list[list[int]]]:
-    return {"input_ids": [enc.ids + [EOS_ID] for enc in tokenizer.encode_batch(texts)]}
+def _encode(texts: list[str], tokenizer: Tokenizer, eos: int) -> dict[str, list[list[int]]]:
+    encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return {"input_ids": [enc.ids + [eos] for enc in encoded]}
 
 
 class _Blocks(Dataset):

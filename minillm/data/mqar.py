@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from minillm import checks
 from minillm.data.base import TrainingDataModule, ValidationCounts, coerce_config
 from minillm.data.sampler import ResumableBatchSampler
-from minillm.data.tokenizer import PAD_ID, SPECIAL_TOKENS
+from minillm.data.tokenizer import PAD_ID, SPECIAL_TOKENS  # the id tokenizer's layout
 
 FIRST_ID = len(SPECIAL_TOKENS)  # ids below are the special tokens
 SPLITS = {"train": 0, "validation": 1}
@@ -197,10 +197,11 @@ class MQARDataModule(TrainingDataModule):
         """The tokenizer and sizes; the sequences themselves are generated per batch."""
         if self.tokenizer is None:
             self.tokenizer = id_tokenizer(self.cfg.vocab_size)
-        if self.tokenizer.get_vocab_size() != self.cfg.vocab_size:
+        if self.tokenizer.get_vocab() != id_tokenizer(self.cfg.vocab_size).get_vocab():
             raise ValueError(
-                f"data.vocab_size={self.cfg.vocab_size}: the given tokenizer (checkpoint) has "
-                f"{self.tokenizer.get_vocab_size()} tokens; data=mqar needs its own id tokenizer"
+                f"data.vocab_size={self.cfg.vocab_size}: the given tokenizer (checkpoint, "
+                f"{self.tokenizer.get_vocab_size()} tokens) is not the id tokenizer of that size; "
+                "data=mqar needs its own id tokenizer (its ids are the task's tokens)"
             )
         self.vocab_size = self.cfg.vocab_size
         self.num_train_tokens = self.cfg.n_train * self.seq_len

@@ -1,8 +1,10 @@
 """Tokenizers built with HF `tokenizers`: byte-level BPE or exact character level.
 
-Both kinds reserve the same four special tokens at fixed ids (pad=0, bos=1, eos=2, unk=3),
-which the data and model code rely on. Trained tokenizers are cached on disk, keyed by a
-hash of the training texts and the training settings.
+Both kinds reserve the same four special tokens at fixed ids (pad=0, bos=1, eos=2, unk=3).
+The data, evaluation and generation code never assume those ids: they ask any tokenizer for
+its special ids with ``SpecialTokens.from_tokenizer``, so a stock tokenizer.json (Llama,
+GPT-2, Qwen2 ...) works wherever its special tokens sit. Trained tokenizers are cached on
+disk, keyed by a hash of the training texts and the training settings.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import datasets
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minillm.data.sources import DataConfig
+from minillm.special_tokens import SpecialTokens
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+# The ids of minillm's own tokenizers only (tests and the MQAR id tokenizer); code that takes
+# a tokenizer asks it instead (SpecialTokens.from_tokenizer)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 # Bump when a change here makes previously cached tokenizers wrong.
 FORMAT_VERSION = 1
@@ -112,7 +117,7 @@ def corpus_fingerprint(texts: Texts) -> str:
 
 
 def check_special_tokens(tokenizer: Tokenizer) -> None:
-    """Fail unless SPECIAL_TOKENS sit at ids 0..3, as the data and model code assume."""
+    """Fail unless SPECIAL_TOKENS sit at ids 0..3, as a tokenizer minillm trains must have."""
     wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
     if wrong:
         raise ValueError(
@@ -138,7 +143,8 @@ def load_or_train_tokenizer(
     cache_dir: str | os.PathLike,
     fingerprint: str | None = None,
 ) -> Tokenizer:
-    """`cfg.tokenizer` if set, else the cached tokenizer for this corpus and settings.
+    """`cfg.tokenizer` if set (any tokenizer.json with an end-of-sequence token), else the
+    cached tokenizer for this corpus and settings.
 
     On a cache miss the tokenizer is trained and written atomically to
     `<cache_dir>/tokenizers/<hash>.json`, so concurrent processes (DDP ranks) only ever
@@ -148,7 +154,7 @@ def load_or_train_tokenizer(
     cfg = DataConfig.coerce(cfg)
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
-        check_special_tokens(tokenizer)
+        SpecialTokens.from_tokenizer(tokenizer, f"data.tokenizer={cfg.tokenizer}")
         return tokenizer
     fingerprint = fingerprint or corpus_fingerprint(train_dataset)
     settings = f"{fingerprint}|{cfg.tokenizer_kind}|{cfg.vocab_size}|{cfg.min_frequency}"

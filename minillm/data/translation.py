@@ -3,6 +3,7 @@
 A pair becomes ``src_ids = source + <eos>``, ``input_ids = <bos> + target`` and
 ``labels = target + <eos>``; batches are right-padded (``<pad>`` in the inputs, -100 in the
 labels) and carry ``src_mask``. Right padding needs no decoder mask: the decoder is causal.
+The special ids are the tokenizer's (``SpecialTokens``: <bos> and <pad> fall back to <eos>).
 
 Batches are fixed groups of similar-length pairs (sorted by source then target length, ties
 broken by the seed); their order is the ``ResumableBatchSampler`` stream over batch indices,
@@ -27,13 +28,7 @@ from minillm.data.base import TrainingDataModule, coerce_config
 from minillm.data.parallel import Pair, read_hf_pairs, read_pairs
 from minillm.data.sampler import ResumableBatchSampler
 from minillm.data.sources import DataConfig, check_data_options
-from minillm.data.tokenizer import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    check_special_tokens,
-    load_or_train_tokenizer,
-)
+from minillm.data.tokenizer import SpecialTokens, load_or_train_tokenizer
 from minillm.training.bleu_callback import ValidationBLEU
 
 logger = logging.getLogger(__name__)
@@ -137,6 +132,7 @@ class TranslationDataModule(TrainingDataModule):
     def __init__(self, data: TranslationDataConfig | Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(data, **kwargs)
         self.train: Encoded | None = None  # set by setup()
+        self.special: SpecialTokens | None = None  # the tokenizer's ids, set by setup()
         self.valid: Encoded | None = None
 
     def prepare_data(self) -> None:
@@ -151,7 +147,7 @@ class TranslationDataModule(TrainingDataModule):
             settings = DataConfig(**{k: getattr(self.cfg, k) for k in TOKENIZER_KEYS})
             texts = [text for pair in train for text in pair]  # both sides: one joint BPE
             self.tokenizer = load_or_train_tokenizer(settings, texts, self.cache_dir)
-        check_special_tokens(self.tokenizer)
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.train = self._encode(train, "train")
         self.valid = self._encode(valid, "validation")
@@ -179,7 +175,7 @@ class TranslationDataModule(TrainingDataModule):
         kept = Encoded([], [], [])
         for pair, s, t in zip(pairs, src, tgt, strict=True):
             if 0 < len(s.ids) < max_src and 0 < len(t.ids) < max_tgt:
-                kept.src.append(np.array(s.ids + [EOS_ID], dtype=np.int32))
+                kept.src.append(np.array(s.ids + [self.special.eos], dtype=np.int32))
                 kept.tgt.append(np.array(t.ids, dtype=np.int32))
                 kept.pairs.append(pair)
         logger.info(
@@ -228,7 +224,7 @@ class TranslationDataModule(TrainingDataModule):
         self, data: Encoded, batches: list[np.ndarray], sampler: ResumableBatchSampler | None = None
     ) -> DataLoader:
         """One dataset item = one whole batch; ``sampler`` picks batch indices (else in order)."""
-        dataset = _Batches(data, batches)
+        dataset = _Batches(data, batches, self.special)
         if sampler is None:
             return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         return DataLoader(
@@ -248,10 +244,11 @@ class TranslationDataModule(TrainingDataModule):
     def unigram_perplexity(self) -> float:
         """Validation label perplexity of add-one-smoothed training label frequencies."""
         self.setup()
-        labels = [np.append(t, EOS_ID) for t in self.train.tgt]
+        eos = self.special.eos
+        labels = [np.append(t, eos) for t in self.train.tgt]
         counts = np.bincount(np.concatenate(labels), minlength=self.vocab_size)
         log_p = np.log(counts + 1.0) - np.log(counts.sum() + float(self.vocab_size))
-        valid = np.concatenate([np.append(t, EOS_ID) for t in self.valid.tgt])
+        valid = np.concatenate([np.append(t, eos) for t in self.valid.tgt])
         return float(np.exp(-log_p[valid].mean()))
 
 
@@ -264,35 +261,39 @@ def bucket_batches(data: Encoded, batch_size: int, seed: int) -> list[np.ndarray
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(src: list[np.ndarray], tgt: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """Right-padded batch: src_ids/src_mask (B, S), input_ids/labels (B, T)."""
+def collate(
+    src: list[np.ndarray], tgt: list[np.ndarray], special: SpecialTokens
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch: src_ids/src_mask (B, S), input_ids/labels (B, T); the decoder
+    input starts with ``special.bos`` and the labels end with ``special.eos``."""
     b = len(src)
     s, t = max(len(x) for x in src), max(len(y) for y in tgt) + 1
-    src_ids = torch.full((b, s), PAD_ID, dtype=torch.long)
+    src_ids = torch.full((b, s), special.pad, dtype=torch.long)
     src_mask = torch.zeros(b, s, dtype=torch.bool)
-    input_ids = torch.full((b, t), PAD_ID, dtype=torch.long)
+    input_ids = torch.full((b, t), special.pad, dtype=torch.long)
     labels = torch.full((b, t), -100, dtype=torch.long)
     for i, (x, y) in enumerate(zip(src, tgt, strict=True)):
         src_ids[i, : len(x)] = torch.from_numpy(x.astype(np.int64))
         src_mask[i, : len(x)] = True
         y = torch.from_numpy(y.astype(np.int64))
-        input_ids[i, 0], input_ids[i, 1 : len(y) + 1] = BOS_ID, y
-        labels[i, : len(y)], labels[i, len(y)] = y, EOS_ID
+        input_ids[i, 0], input_ids[i, 1 : len(y) + 1] = special.bos, y
+        labels[i, : len(y)], labels[i, len(y)] = y, special.eos
     return {"src_ids": src_ids, "src_mask": src_mask, "input_ids": input_ids, "labels": labels}
 
 
 class _Batches(Dataset):
     """Item i = the collated batch ``batches[i]``."""
 
-    def __init__(self, data: Encoded, batches: list[np.ndarray]) -> None:
-        self.data, self.batches = data, batches
+    def __init__(self, data: Encoded, batches: list[np.ndarray], special: SpecialTokens) -> None:
+        self.data, self.batches, self.special = data, batches, special
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rows = self.batches[index]
-        return collate([self.data.src[i] for i in rows], [self.data.tgt[i] for i in rows])
+        src, tgt = [self.data.src[i] for i in rows], [self.data.tgt[i] for i in rows]
+        return collate(src, tgt, self.special)
 
 
 def _first(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

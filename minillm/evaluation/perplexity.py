@@ -1,10 +1,11 @@
 """Token-level perplexity and bits per byte of a decoder over whole documents.
 
-Each document is scored as ``<eos> + tokens + <eos>``: the leading <eos> is the separator a
-document follows in training (so its first token is scored too), the trailing one scores
-the prediction that the document ends. ``bits_per_byte`` divides the summed negative
-log-likelihood (in bits) by the documents' UTF-8 bytes, so models with different tokenizers
-compare.
+Each document is scored as ``<eos> + tokens + <eos>``, as ``LMDataModule`` trains on it (the
+tokens without the tokenizer's template, <eos> being the tokenizer's own end-of-sequence id,
+``SpecialTokens``): the leading <eos> is the separator a document follows in training (so its
+first token is scored too), the trailing one scores the prediction that the document ends.
+``bits_per_byte`` divides the summed negative log-likelihood (in bits) by the documents' UTF-8
+bytes, so models with different tokenizers compare.
 
 Two ways to give each token its context, for every attention kind:
 
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from minillm.data.tokenizer import EOS_ID, PAD_ID
 from minillm.models import DecoderLM
+from minillm.special_tokens import SpecialTokens
 
 
 @dataclass
@@ -93,12 +94,13 @@ def perplexity(
     window = window or model.cfg.max_len
     stride = stride or max(1, window // 2)
     model.eval()
+    special = SpecialTokens.from_tokenizer(tokenizer)
     texts = list(documents)
     ids = [
-        torch.tensor([EOS_ID, *enc.ids, EOS_ID])
+        torch.tensor([special.eos, *enc.ids, special.eos])
         for enc in tokenizer.encode_batch(texts, add_special_tokens=False)
     ]
-    nll = SCORERS[mode](model, ids, window, stride, batch_size)
+    nll = SCORERS[mode](model, ids, window, stride, batch_size, special.pad)
     return PerplexityResult(
         nll=nll,
         tokens=sum(len(x) - 1 for x in ids),
@@ -108,11 +110,11 @@ def perplexity(
 
 
 def _window_nll(
-    model: DecoderLM, docs: list[Tensor], window: int, stride: int, batch_size: int
+    model: DecoderLM, docs: list[Tensor], window: int, stride: int, batch_size: int, pad_id: int
 ) -> float:
     """Summed NLL of every window span of every document, ``batch_size`` spans a call."""
     total = 0.0
-    for inputs, labels in _batches(docs, window, stride, batch_size):
+    for inputs, labels in _batches(docs, window, stride, batch_size, pad_id):
         device = model.tok_emb.weight.device
         logits = model(inputs.to(device))  # (B, T, V)
         total += F.cross_entropy(
@@ -122,7 +124,7 @@ def _window_nll(
 
 
 def _batches(
-    docs: list[Tensor], window: int, stride: int, batch_size: int
+    docs: list[Tensor], window: int, stride: int, batch_size: int, pad_id: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Right-padded (B, T) inputs and labels; labels -100 where not scored or padding."""
     pending = [
@@ -133,7 +135,7 @@ def _batches(
     for i in range(0, len(pending), batch_size):
         chunk = pending[i : i + batch_size]
         t = max(len(x) for x, _, _ in chunk)
-        inputs = torch.full((len(chunk), t), PAD_ID, dtype=torch.long)
+        inputs = torch.full((len(chunk), t), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), t), -100, dtype=torch.long)
         for row, (x, y, scored) in enumerate(chunk):
             inputs[row, : len(x)] = x
@@ -142,9 +144,10 @@ def _batches(
 
 
 def _recurrent_nll(
-    model: DecoderLM, docs: list[Tensor], window: int, stride: int, batch_size: int
+    model: DecoderLM, docs: list[Tensor], window: int, stride: int, batch_size: int, pad_id: int
 ) -> float:
-    """One pass a document through the caches, ``stride`` tokens a forward call."""
+    """One pass a document through the caches, ``stride`` tokens a forward call (no padding:
+    ``batch_size`` and ``pad_id`` are unused)."""
     device = model.tok_emb.weight.device
     total = 0.0
     for doc in docs:

@@ -3,7 +3,7 @@
 
 Sources are encoded as in training (``tokens + <eos>``) and right-padded; outputs stop at
 ``<eos>``. ``translate`` sorts sources by length so a batch holds similar lengths, and returns
-the translations in the input order.
+the translations in the input order. The special ids are the tokenizer's (``SpecialTokens``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minillm.generation.generate import generate_ids, pad_right
+from minillm.special_tokens import SpecialTokens
 
 __all__ = ["default_max_new_tokens", "encode_sources", "pad_right", "translate"]
 
 
 def encode_sources(tokenizer: Any, sources: Sequence[str]) -> list[list[int]]:
     """Source token ids as the model saw them in training: ``tokens + <eos>``."""
-    eos_id = tokenizer.token_to_id("<eos>")
+    eos_id = SpecialTokens.from_tokenizer(tokenizer).eos
     encoded = tokenizer.encode_batch(list(sources), add_special_tokens=False)
     return [enc.ids + [eos_id] for enc in encoded]
 
@@ -50,7 +51,7 @@ def translate(
     allows ``default_max_new_tokens`` of each batch's longest source.
     """
     ids = encode_sources(tokenizer, sources)
-    pad_id, bos_id, eos_id = (tokenizer.token_to_id(t) for t in ("<pad>", "<bos>", "<eos>"))
+    special = SpecialTokens.from_tokenizer(tokenizer)
     options = dict(temperature=0, num_beams=num_beams, length_penalty=length_penalty,
                    early_stopping=early_stopping, use_cache=use_cache,
                    batch_size=batch_size * num_beams)  # fmt: skip
@@ -61,8 +62,8 @@ def translate(
             chunk = order[start : start + batch_size]
             limit = max_new_tokens or default_max_new_tokens(len(ids[chunk[0]]))
             hyps = generate_ids(
-                model, [[bos_id]] * len(chunk), sources=[ids[i] for i in chunk],
-                eos_id=eos_id, pad_id=pad_id, max_new_tokens=limit, **options,
+                model, [[special.bos]] * len(chunk), sources=[ids[i] for i in chunk],
+                eos_id=special.eos, pad_id=special.pad, max_new_tokens=limit, **options,
             )  # fmt: skip
             for i, tokens in zip(chunk, hyps, strict=True):
                 out[i] = tokenizer.decode(tokens).strip()

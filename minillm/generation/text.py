@@ -1,7 +1,8 @@
 """Text in, text out, for every architecture: prompts are encoded as the architecture reads
 them (``PROMPT_INPUTS``: a decoder-only model continues the prompt, an encoder-decoder
 translates it), generated with ``generate_scored`` and decoded incrementally (whole UTF-8
-characters, stop strings cut) for streaming.
+characters, stop strings cut) for streaming. Special ids (the end-of-sequence that stops a row,
+the padding) are the tokenizer's own (``SpecialTokens``), wherever it keeps them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from minillm.generation.generate import GenerationConfig, generate_scored
 from minillm.generation.seq2seq import encode_sources
+from minillm.special_tokens import SpecialTokens
 
 
 class TextStream:
@@ -83,14 +85,14 @@ class Completion:
 def continuation_inputs(tokenizer: Any, prompts: list[str]) -> dict[str, Any]:
     """Decoder-only: the prompt is what the model continues; empty starts from ``<eos>``
     (a document boundary, as in training)."""
-    eos_id = tokenizer.token_to_id("<eos>")
+    eos_id = SpecialTokens.from_tokenizer(tokenizer).eos
     encoded = [tokenizer.encode(p, add_special_tokens=False).ids or [eos_id] for p in prompts]
     return {"prompts": encoded, "sources": None}
 
 
 def translation_inputs(tokenizer: Any, prompts: list[str]) -> dict[str, Any]:
     """Encoder-decoder: the prompt is the source; the decoder starts from ``<bos>``."""
-    bos_id = tokenizer.token_to_id("<bos>")
+    bos_id = SpecialTokens.from_tokenizer(tokenizer).bos
     return {"prompts": [[bos_id]] * len(prompts), "sources": encode_sources(tokenizer, prompts)}
 
 
@@ -121,8 +123,7 @@ def complete(
     cfg = GenerationConfig.from_options(options)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     inputs = PROMPT_INPUTS[model.cfg.arch](tokenizer, prompts)
-    eos_id = tokenizer.token_to_id("<eos>")
-    pad_id = tokenizer.token_to_id("<pad>") or 0
+    special = SpecialTokens.from_tokenizer(tokenizer)
     n_rows = len(prompts) * cfg.outputs_per_prompt
     streams = [
         TextStream(tokenizer, cfg.stop, None if on_text is None else _bind(on_text, row))
@@ -130,7 +131,8 @@ def complete(
     ]
     hook = (lambda row, toks: streams[row].push(toks)) if cfg.stop or on_text else None
     tokens, scores = generate_scored(
-        model, cfg=cfg, eos_id=eos_id, pad_id=pad_id, on_token=hook, draft_model=draft_model,
+        model, cfg=cfg, eos_id=special.eos, pad_id=special.pad, on_token=hook,
+        draft_model=draft_model,
         **inputs,
     )  # fmt: skip
     return [

@@ -28,6 +28,7 @@ from minillm.hf.common import (
 )
 from minillm.integrity import CHECKSUMS, checksums
 from minillm.models import ModelConfig
+from minillm.models.mlp import SwiGLU, mlp_config
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -39,7 +40,10 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"attn.kind={kind!r}")
     else:
         problems += _non_default(knobs, ATTN_FIELDS, "attn.")
-    problems += _non_default(cfg, MODEL_FIELDS, "model.")
+    mlp = cfg.mlp if isinstance(cfg.mlp, str) else cfg.mlp["kind"]  # str: older checkpoints
+    if mlp_config(cfg.mlp)[0] is not SwiGLU:  # SwiGLU has no knobs: its kind says it all
+        problems.append(f"mlp.kind={mlp!r}")
+    problems += _non_default(cfg, MODEL_FIELDS | {"mlp"}, "model.")
     if problems:
         raise ValueError(
             f"format=hf: a Hugging Face Llama cannot express {', '.join(problems)} (it has "

@@ -11,7 +11,9 @@ from minillm import checks
 from minillm.attention import build_attention
 from minillm.models.mlp import build_mlp
 
-N_SPECIAL_TOKENS = 4  # <pad> <bos> <eos> <unk> (minillm.data.tokenizer.SPECIAL_TOKENS)
+# an end-of-sequence token and one other: the fewest any tokenizer has (minillm's own have 4
+# special tokens, GPT-2's one, wherever they sit; minillm.data.tokenizer.SpecialTokens)
+MIN_VOCAB_SIZE = 2
 
 ARCHS = ("decoder", "encoder_decoder", "vit")
 # the role of ``attn`` (the self-attention of the main stack) in each architecture
@@ -61,10 +63,10 @@ class ModelConfig:
             self._check_vit()
         else:
             checks.integer("model.vocab_size", self.vocab_size)
-        if self.arch != "vit" and self.vocab_size <= N_SPECIAL_TOKENS:
+        if self.arch != "vit" and self.vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(
-                f"model.vocab_size={self.vocab_size}: must be larger than the "
-                f"{N_SPECIAL_TOKENS} special tokens"
+                f"model.vocab_size={self.vocab_size}: must be at least {MIN_VOCAB_SIZE} (an "
+                "end-of-sequence token and one other); it is set from the tokenizer"
             )
         checks.integer("model.mlp_hidden", self.mlp_hidden, optional=True)
         checks.integer("model.n_encoder_layers", self.n_encoder_layers, 0, optional=True)

@@ -2,9 +2,9 @@
 
 ``init_from`` names a ``.ckpt`` file, a run directory (its best.ckpt, else last.ckpt), an
 exported folder (``scripts/export.py``) or ``hf:<dir>``, a Hugging Face Llama-family folder
-(``minillm.hf``). The tokenizer comes from there and is never retrained; it must be one the
-data code can use (``check_tokenizer``). The optimizer, schedule and step start fresh in a
-new run directory.
+(``minillm.hf``). The tokenizer comes from there and is never retrained; any tokenizer with
+an end-of-sequence token works, wherever its special tokens sit (``check_tokenizer``). The
+optimizer, schedule and step start fresh in a new run directory.
 
 Fine-tuning takes the checkpoint's model config (``take_architecture``): every model and
 attention field is the checkpoint's unless the command line sets it. Setting an
@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from minillm.attention import attention_config
 from minillm.checkpoint import CheckpointError, load_pretrained
-from minillm.data.tokenizer import SPECIAL_TOKENS
+from minillm.data.tokenizer import SpecialTokens
 from minillm.hf import hf_folder, is_hf, load_hf
 from minillm.models import ModelConfig
+from minillm.models.mlp import mlp_config
 
 # Keys (in the model or any attention config) that may differ between the checkpoint and
 # a fine-tuning run: they change how training behaves, not which weights exist or what
@@ -93,19 +94,14 @@ def read_initial_weights(init_from: str) -> InitialWeights:
 def check_tokenizer(init_from: str, cfg: ModelConfig, tokenizer: Tokenizer) -> None:
     """Refuse, before any data is read, a tokenizer the data code cannot train with.
 
-    The data code assumes SPECIAL_TOKENS at ids 0-3 (``PAD_ID`` .. ``UNK_ID`` are constants)
-    and sizes the model's vocabulary from the tokenizer, so a Hugging Face tokenizer with its
-    own special tokens (Llama's ``<unk> <s> </s>`` at 0-2) or fewer tokens than embedding rows
-    cannot fine-tune yet; generating from such a model and exporting it work.
+    The data code asks the tokenizer for its special ids (``SpecialTokens``), so it needs an
+    end-of-sequence token, wherever it sits. It sizes the model's vocabulary from the
+    tokenizer, so a model with more embedding rows than tokens (Qwen2 pads its rows) cannot
+    fine-tune yet; generating from such a model and exporting it work.
     """
-    found = [tokenizer.id_to_token(i) for i in range(len(SPECIAL_TOKENS))]
+    where = hf_folder(init_from) / "tokenizer.json" if is_hf(init_from) else init_from
+    SpecialTokens.from_tokenizer(tokenizer, f"init_from={init_from}: tokenizer of {where}")
     usable = "; such a model can be generated from and exported, not yet fine-tuned"
-    if found != SPECIAL_TOKENS:
-        raise ValueError(
-            f"init_from={init_from}: fine-tuning needs {' '.join(SPECIAL_TOKENS)} at token ids "
-            f"0-{len(SPECIAL_TOKENS) - 1} (minillm's data code uses those fixed ids), but this "
-            f"tokenizer has {' '.join(map(str, found))} there{usable}"
-        )
     if tokenizer.get_vocab_size() != cfg.vocab_size:
         raise ValueError(
             f"init_from={init_from}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the "
@@ -115,9 +111,14 @@ def check_tokenizer(init_from: str, cfg: ModelConfig, tokenizer: Tokenizer) -> N
 
 
 def architecture(cfg: ModelConfig, ignore: tuple[str, ...] = TRAINING_ONLY) -> dict[str, Any]:
-    """The config as a flat dict, attention configs resolved (preset and defaults filled),
-    without the keys named in ``ignore`` (in the model or any attention config)."""
-    flat = {k: v for k, v in cfg.to_dict().items() if k not in ATTN_KEYS}
+    """The config as a flat dict, attention and feed-forward configs resolved (preset and
+    defaults filled: ``mlp="swiglu"``, as checkpoints before the ``mlp`` group stored it,
+    equals ``{"kind": "swiglu"}``), without the keys named in ``ignore`` (in the model or any
+    attention config)."""
+    flat = {k: v for k, v in cfg.to_dict().items() if k not in (*ATTN_KEYS, "mlp")}
+    _, mlp = mlp_config(cfg.mlp)
+    flat["mlp.kind"] = cfg.mlp if isinstance(cfg.mlp, str) else cfg.mlp["kind"]
+    flat |= {f"mlp.{k}": v for k, v in dataclasses.asdict(mlp).items()}
     for key in ATTN_KEYS:
         value = getattr(cfg, key)  # a registry key or {"kind": key, **knobs}
         _, resolved = attention_config(value)
@@ -153,9 +154,9 @@ def _suggest(diff: list[Difference]) -> str:
         value = (
             "null" if value is None else str(value).lower() if isinstance(value, bool) else value
         )
-        if key == "attn.kind":
-            out.append(f"attn={value}")
-        elif group in ("attn", "optim"):
+        if key in ("attn.kind", "mlp.kind"):
+            out.append(f"{group}={value}")
+        elif group in ("attn", "mlp", "optim"):
             out.append(f"{key}={value}")
         else:  # model keys, encoder_attn/cross_attn included
             out.append(f"model.{key.removesuffix('.kind')}={value}")
@@ -165,15 +166,16 @@ def _suggest(diff: list[Difference]) -> str:
 def is_explicit(key: str, overrides: list[str]) -> bool:
     """Whether a Hydra override sets ``key`` (an ``architecture`` key: ``dim``, ``attn.window``).
 
-    ``model=<option>`` sets every model key but the ``attn.*`` ones, ``attn=<option>`` every
-    ``attn.*`` key; ``model.attn.x`` is ``attn.x`` (``model.attn`` is the ``attn`` group).
+    ``model=<option>`` sets every model key but the ``attn.*`` and ``mlp.*`` ones,
+    ``attn=<option>`` every ``attn.*`` key; ``model.attn.x`` is ``attn.x`` (``model.attn`` is the
+    ``attn`` group); ``mlp`` likewise.
     """
     for override in overrides:
         name = override.lstrip("+~").partition("=")[0]
         if name == "model":
-            if not key.startswith("attn."):
+            if not key.startswith(("attn.", "mlp.")):
                 return True
-        elif name.startswith("model.") or name == "attn" or name.startswith("attn."):
+        elif name.startswith("model.") or name.partition(".")[0] in ("attn", "mlp"):
             name = name.removeprefix("model.")
             if key == name or key.startswith(f"{name}."):
                 return True

@@ -225,8 +225,10 @@ def _data_module(
 
 
 def _describe_run(module: LMModule, data: L.LightningDataModule) -> None:
+    mlp = module.model_cfg.mlp  # "swiglu" or {"kind": ...} (the mlp group)
     rank_zero_info(
         f"model: {module.model_cfg.arch}, attn={module.model_cfg.attn_label}, "
+        f"mlp={mlp if isinstance(mlp, str) else mlp['kind']}, "
         f"{module.model.num_params() / 1e6:.2f}M parameters; "
         f"data: {data.num_train_tokens / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
     )
