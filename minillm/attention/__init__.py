@@ -31,12 +31,12 @@ ATTENTION: dict[str, tuple[type[Attention], dict[str, Any]]] = {
     "local": (LocalAttention, {}),
     "linear": (LinearAttention, {}),
     "gated_linear": (GatedLinearAttention, {}),
+    "additive": (AdditiveAttention, {}),
+    "linformer": (LinformerAttention, {}),
     "delta_net": (DeltaNetAttention, {}),
     "gated_delta_net": (GatedDeltaNetAttention, {}),
     "sparse": (SparseAttention, {}),
     "performer": (PerformerAttention, {}),
-    "additive": (AdditiveAttention, {}),
-    "linformer": (LinformerAttention, {}),
 }
 
 __all__ = [
@@ -88,4 +88,6 @@ def build_attention(cfg: Mapping[str, Any] | str, dim: int, n_heads: int, role: 
             f"attention kind {kind!r} cannot serve as {role} attention; kinds that can: "
             f"{', '.join(kinds_for_role(role))}"
         )
-    return cls(config, dim, n_heads, role)
+    attn = cls(config, dim, n_heads, role)
+    attn.kind = cfg if isinstance(cfg, str) else cfg["kind"]  # for messages (use_positions)
+    return attn

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from minillm.attention.cache import Cache
+from minillm.positions import POSITIONS, Positions, build_positions, positions_with
 
 ROLES = ("causal", "bidirectional", "cross")
 
@@ -41,6 +42,10 @@ class Attention(nn.Module):
     """
 
     roles: ClassVar[tuple[str, ...]] = ()
+    # positions mechanisms (minillm/positions) this kind has a meaning for. Every kind can take
+    # what leaves attention untouched; a kind that rotates queries and keys or adds a bias to
+    # a score matrix says so.
+    positions_accepted: ClassVar[tuple[str, ...]] = ("absolute", "none")
 
     @dataclass
     class Config:
@@ -55,6 +60,24 @@ class Attention(nn.Module):
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
         self.role = role
+        self.kind = type(self).__name__  # build_attention sets the registry key
+        default = "rope" if "rotary" in self.positions_accepted else "none"
+        self.use_positions(build_positions(default, dim, n_heads, 1, self.causal))
+
+    def use_positions(self, module: Positions) -> None:
+        """Take ``module`` (its model's, shared by a stack) as this kind's positions.
+
+        Stored, not registered: the model owns it, so a shared table is saved once. Until
+        this is called a kind uses its natural default: RoPE if it takes rotations, else none.
+        """
+        if module.mechanism not in self.positions_accepted:
+            key = next(k for k, cls in POSITIONS.items() if isinstance(module, cls))
+            raise ValueError(
+                f"positions {key!r} ({module.mechanism}) has no meaning for attention kind "
+                f"{self.kind!r}; positions that work with it: "
+                f"{', '.join(positions_with(self.positions_accepted))}"
+            )
+        object.__setattr__(self, "pos_encoding", module)
 
     @property
     def causal(self) -> bool:

@@ -3,6 +3,11 @@
 One implementation; the registry presets only ``n_kv_heads``. Computed with
 ``scaled_dot_product_attention`` (flash/efficient kernels where the device has them). The cache
 holds the KV heads only, so MQA's cache is ``n_heads`` times smaller than MHA's.
+
+Positions (``minillm.positions``, the model's ``model.positions``): RoPE rotates q and k (the
+default); ALiBi and T5 add a (B, H, T, S) bias to the scores, passed to SDPA as a float mask
+(-inf where a key is not allowed); learned and none leave attention alone. Cached keys are
+stored rotated; a bias needs their positions, which follow from their slots (``forward``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from torch import Tensor, nn
 
 from minillm.attention.base import Attention
 from minillm.attention.cache import KVCache
-from minillm.attention.rope import apply_rope, rope_angles
 
 
 def softmax_attention_mask(
@@ -40,13 +44,24 @@ def softmax_attention_mask(
     return allowed[:, None]  # (B|1, 1, T, S)
 
 
+def with_bias(
+    bias: Tensor, allowed: Tensor | None, t: int, s: int, causal: bool, dtype: torch.dtype
+) -> Tensor:
+    """SDPA's float mask: the positions ``bias`` (B | 1, H, T, S) where ``allowed`` (B | 1, 1,
+    T, S; None: plain causality for causal queries, else all), -inf elsewhere."""
+    if allowed is None and causal:
+        allowed = softmax_attention_mask(t, s, s - t, True, None, bias.device)
+    bias = bias.to(dtype)
+    return bias if allowed is None else torch.where(allowed, bias, float("-inf"))
+
+
 class MultiHeadAttention(Attention):
     roles = ("causal", "bidirectional", "cross")
+    positions_accepted = ("rotary", "bias", "absolute", "none")
 
     @dataclass
     class Config:
         n_kv_heads: int | None = None  # None: one KV head per query head (plain MHA)
-        rope_base: float = 10000.0
         dropout: float = 0.0
         bias: bool = False
 
@@ -105,14 +120,23 @@ class MultiHeadAttention(Attention):
         else:
             k = self._heads(self.k_proj, x, self.n_kv_heads)  # (B, H_kv, T, D)
             v = self._heads(self.v_proj, x, self.n_kv_heads)
-            cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_base)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.pos_encoding.rotate(q, k, positions)
+            # an expanded arange (every row alike, no padding): one bias serves all rows
+            q_pos = k_pos = positions[:1] if positions.stride(0) == 0 else positions
             if cache is not None:
+                # real tokens of a row sit at contiguous positions and slots, so a key's
+                # position is the last query's minus their slot distance (pads are masked)
+                last_slot = cache.end + (t - 1)  # a new tensor: update moves ``end``
                 k, v, allowed = cache.update(k, v, mask)  # (B, H_kv, S, D)
+                slots = torch.arange(k.shape[2], device=x.device)
+                q_pos, k_pos = positions, positions[:, -1:] - last_slot + slots  # (B, S)
             elif mask is not None:
                 allowed = softmax_attention_mask(t, t, 0, self.causal, mask, x.device)
             else:
                 allowed = None
+            bias = self.pos_encoding.bias(q_pos, k_pos)  # (B | 1, H, T, S) or None
+            if bias is not None:
+                allowed = with_bias(bias, allowed, t, k.shape[2], self.causal, q.dtype)
         y = self._attend(q, k, v, allowed)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.dim))
 
@@ -134,8 +158,8 @@ class MultiHeadAttention(Attention):
         return k, v, None if mask is None else mask[:, None, None, :]
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
-        """SDPA under ``allowed`` (B | 1, 1, T, S); None means plain causality (is_causal when
-        T > 1) for causal queries, everything for the others."""
+        """SDPA under ``allowed`` (B | 1, 1 | H, T, S), bool or a float bias; None means plain
+        causality (is_causal when T > 1) for causal queries, everything for the others."""
         dropout = self.cfg.dropout if self.training else 0.0
         is_causal = allowed is None and self.causal and q.shape[2] > 1
         return F.scaled_dot_product_attention(
@@ -156,10 +180,12 @@ class MultiHeadAttention(Attention):
         t = x.shape[1]
         q = self._heads(self.q_proj, x, self.n_heads)  # (B, H, T, D)
         k = self._heads(self.k_proj, x, self.n_kv_heads)  # (B, H_kv, T, D)
-        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.pos_encoding.rotate(q, k, positions)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, D)
         scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # (B, H, T, T)
+        bias = self.pos_encoding.bias(positions, positions)  # (B, H, T, T) or None
+        if bias is not None:
+            scores = scores + bias
         allowed = softmax_attention_mask(t, t, 0, self.causal, None, x.device)  # (1, 1, T, T)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))

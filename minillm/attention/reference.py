@@ -24,6 +24,10 @@ from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
 from minillm.attention.performer import PerformerAttention
 from minillm.attention.sparse import SparseAttention, random_key_blocks
+from minillm.positions import Positions, alibi_slopes, relative_bucket
+from minillm.positions.alibi import ALiBiPositions
+from minillm.positions.rope import RotaryPositions
+from minillm.positions.t5 import T5Positions
 
 
 def rope_reference(x: Tensor, positions: Tensor, base: float) -> Tensor:
@@ -37,11 +41,16 @@ def rope_reference(x: Tensor, positions: Tensor, base: float) -> Tensor:
 
 
 def softmax_reference(
-    q: Tensor, k: Tensor, v: Tensor, allowed: Callable[[int, int], bool]
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    allowed: Callable[[int, int], bool],
+    bias: Callable[[int, int, int], Tensor] | None = None,
 ) -> Tensor:
     """q (B, H, T, D), k/v (B, H, S, D) with KV heads already repeated; one query at a time.
 
-    ``allowed(b, t)`` returns the list of key indices query t of row b may see.
+    ``allowed(b, t)`` returns the list of key indices query t of row b may see; ``bias(b, t,
+    j)`` the (H,) positions bias added to the scores of query t and key j of row b.
     """
     b_size, _, t_size, d = q.shape
     out = torch.zeros_like(q)
@@ -49,8 +58,57 @@ def softmax_reference(
         for t in range(t_size):
             keys = allowed(b, t)
             scores = (k[b][:, keys] @ q[b, :, t, :, None]).squeeze(-1) / math.sqrt(d)  # (H, n)
+            if bias is not None:
+                scores = scores + torch.stack([bias(b, t, j) for j in keys], dim=-1)
             out[b, :, t] = (scores.softmax(-1)[..., None] * v[b][:, keys]).sum(1)
     return out
+
+
+def rotary_reference(module: Positions, x: Tensor, positions: Tensor) -> Tensor:
+    """x (B, H, T, D) rotated as ``module`` says (``POSITION_TWINS``), or as is."""
+    twin = POSITION_TWINS.get(type(module))
+    return x if twin is None or module.mechanism != "rotary" else twin(module, x, positions)
+
+
+def bias_reference(
+    module: Positions, positions: Tensor
+) -> Callable[[int, int, int], Tensor] | None:
+    """``softmax_reference``'s ``bias`` for self-attention at ``positions`` (B, T), from the
+    module's twin (``POSITION_TWINS``); None for kinds that add no bias."""
+    twin = POSITION_TWINS.get(type(module))
+    return None if twin is None or module.mechanism != "bias" else twin(module, positions)
+
+
+def rope_twin(module: RotaryPositions, x: Tensor, positions: Tensor) -> Tensor:
+    """RoPE at its base, NTK-scaled: base * ntk_factor ** (D / (D - 2))."""
+    d = x.shape[-1]
+    return rope_reference(x, positions, module.cfg.base * module.cfg.ntk_factor ** (d / (d - 2)))
+
+
+def alibi_twin(module: ALiBiPositions, positions: Tensor) -> Callable[[int, int, int], Tensor]:
+    """-slope_h * |position of query t - position of key j| for each head h."""
+    slopes = torch.tensor(alibi_slopes(module.n_heads))
+    return lambda b, t, j: -slopes * abs(int(positions[b, t]) - int(positions[b, j]))
+
+
+def t5_twin(module: T5Positions, positions: Tensor) -> Callable[[int, int, int], Tensor]:
+    """The table's (H,) row of the bucket of key j's position minus query t's."""
+    n, far = module.cfg.n_buckets, module.cfg.max_distance
+
+    def bias(b: int, t: int, j: int) -> Tensor:
+        rel = torch.tensor(int(positions[b, j]) - int(positions[b, t]))
+        return module.table.weight[relative_bucket(rel, not module.causal, n, far)]
+
+    return bias
+
+
+# positions kind -> its twin: a rotation (module, x, positions) -> x, or a bias maker
+# (module, positions) -> bias(b, t, j). Kinds with neither (learned, none) leave attention alone.
+POSITION_TWINS: dict[type[Positions], Callable[..., object]] = {
+    RotaryPositions: rope_twin,
+    ALiBiPositions: alibi_twin,
+    T5Positions: t5_twin,
+}
 
 
 def mha_reference(
@@ -67,9 +125,11 @@ def mha_reference(
     q = _split_heads(_project(attn.q_proj, x), attn.n_heads)  # (B, H, T, D)
     k = _split_heads(_project(attn.k_proj, src), attn.n_kv_heads)  # (B, H_kv, S, D)
     v = _split_heads(_project(attn.v_proj, src), attn.n_kv_heads)
+    bias = None  # cross-attention has no positions
     if attn.role != "cross":
-        q = rope_reference(q, positions, attn.cfg.rope_base)
-        k = rope_reference(k, positions, attn.cfg.rope_base)
+        q = rotary_reference(attn.pos_encoding, q, positions)
+        k = rotary_reference(attn.pos_encoding, k, positions)
+        bias = bias_reference(attn.pos_encoding, positions)
     group = attn.n_heads // attn.n_kv_heads
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     valid = mask if mask is not None else torch.ones(b, s, dtype=torch.bool)
@@ -80,7 +140,7 @@ def mha_reference(
         # a causal query always sees itself, so a left-pad query gets a finite output
         return [j for j in range(query + 1) if valid[row, j] or j == query]
 
-    y = softmax_reference(q, k, v, allowed)
+    y = softmax_reference(q, k, v, allowed, bias)
     return _project(attn.o_proj, y.transpose(1, 2).reshape(b, t, attn.dim))
 
 
@@ -105,12 +165,9 @@ def local_reference(
     """Full softmax per query over the keys of its window: causal t - window < s <= t,
     bidirectional |t - s| <= window // 2; a query always sees itself (finite pad outputs)."""
     b, t, _ = x.shape
-    q = rope_reference(
-        _split_heads(_project(attn.q_proj, x), attn.n_heads), positions, attn.cfg.rope_base
-    )
-    k = rope_reference(
-        _split_heads(_project(attn.k_proj, x), attn.n_kv_heads), positions, attn.cfg.rope_base
-    )
+    pos = attn.pos_encoding
+    q = rotary_reference(pos, _split_heads(_project(attn.q_proj, x), attn.n_heads), positions)
+    k = rotary_reference(pos, _split_heads(_project(attn.k_proj, x), attn.n_kv_heads), positions)
     v = _split_heads(_project(attn.v_proj, x), attn.n_kv_heads)
     group = attn.n_heads // attn.n_kv_heads
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -122,7 +179,7 @@ def local_reference(
         near = range(max(0, query - before), min(t, query + after + 1))
         return [j for j in near if valid[row, j] or j == query]
 
-    y = softmax_reference(q, k, v, allowed)
+    y = softmax_reference(q, k, v, allowed, bias_reference(pos, positions))
     return _project(attn.o_proj, y.transpose(1, 2).reshape(b, t, attn.dim))
 
 
@@ -451,8 +508,8 @@ REFERENCES: dict[type[Attention], Callable[..., Tensor]] = {
     GatedLinearAttention: gated_linear_reference,
     DeltaNetAttention: delta_net_reference,
     GatedDeltaNetAttention: gated_delta_net_reference,
-    SparseAttention: sparse_reference,
-    PerformerAttention: performer_reference,
     AdditiveAttention: additive_reference,
     LinformerAttention: linformer_reference,
+    SparseAttention: sparse_reference,
+    PerformerAttention: performer_reference,
 }

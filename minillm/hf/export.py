@@ -29,6 +29,7 @@ from minillm.hf.common import (
 from minillm.integrity import CHECKSUMS, checksums
 from minillm.models import ModelConfig
 from minillm.models.mlp import SwiGLU, mlp_config
+from minillm.positions import RotaryPositions, positions_config, positions_kind
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -43,12 +44,31 @@ def check_exportable(cfg: ModelConfig) -> None:
     mlp = cfg.mlp if isinstance(cfg.mlp, str) else cfg.mlp["kind"]  # str: older checkpoints
     if mlp_config(cfg.mlp)[0] is not SwiGLU:  # SwiGLU has no knobs: its kind says it all
         problems.append(f"mlp.kind={mlp!r}")
-    problems += _non_default(cfg, MODEL_FIELDS | {"mlp"}, "model.")
+    problems += _positions_problems(cfg)
+    problems += _non_default(cfg, MODEL_FIELDS | {"mlp", "positions"}, "model.")
     if problems:
         raise ValueError(
             f"format=hf: a Hugging Face Llama cannot express {', '.join(problems)} (it has "
-            f"mha/gqa/mqa attention in a decoder); {NATIVE}"
+            f"mha/gqa/mqa attention with plain RoPE in a decoder); {NATIVE}"
         )
+
+
+def _positions_problems(cfg: ModelConfig) -> list[str]:
+    """Llama rotates by RoPE: ``model.positions`` null (mha's default) or rope, unscaled."""
+    if cfg.positions is None:
+        return []
+    cls, knobs = positions_config(cfg.positions)
+    if cls is not RotaryPositions:
+        return [f"model.positions={positions_kind(cfg.positions)!r}"]
+    default = RotaryPositions.Config().ntk_factor
+    return [] if knobs.ntk_factor == default else [f"positions.ntk_factor={knobs.ntk_factor!r}"]
+
+
+def rope_theta(cfg: ModelConfig) -> float:
+    """RoPE's base: the positions' own, or RoPE's default when ``model.positions`` is null."""
+    if cfg.positions is None:
+        return RotaryPositions.Config().base
+    return positions_config(cfg.positions)[1].base
 
 
 def _non_default(obj: Any, known: set[str], prefix: str) -> list[str]:
@@ -81,7 +101,7 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Tokenizer) -> 
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": attn.rope_base,
+        "rope_theta": rope_theta(cfg),
         "rope_scaling": None,
         "attention_bias": attn.bias,
         "attention_dropout": 0.0,

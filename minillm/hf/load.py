@@ -16,6 +16,7 @@ from minillm.checkpoint import read_checkpoint
 from minillm.hf.common import HF_PREFIX, IMPORTABLE, hf_folder, hf_name, minillm_name
 from minillm.integrity import CHECKSUMS, CheckpointError, verify_checksums
 from minillm.models import build_model
+from minillm.positions import RotaryPositions
 
 
 def auto_config(folder: Path) -> Any:
@@ -35,7 +36,7 @@ def model_config(hf: Any) -> dict[str, Any]:
     check_importable(hf)
     n_heads, n_kv = hf.num_attention_heads, hf.num_key_value_heads or hf.num_attention_heads
     kind = "mha" if n_kv == n_heads else "mqa" if n_kv == 1 else "gqa"
-    attn = {"kind": kind, "rope_base": float(_rope(hf)[0]), "bias": IMPORTABLE[hf.model_type](hf)}
+    attn = {"kind": kind, "bias": IMPORTABLE[hf.model_type](hf)}
     if kind == "gqa":
         attn["n_kv_heads"] = n_kv
     return {
@@ -50,7 +51,14 @@ def model_config(hf: Any) -> dict[str, Any]:
         "tie_embeddings": bool(hf.tie_word_embeddings),
         "init_std": getattr(hf, "initializer_range", 0.02),
         "attn": attn,
+        "positions": _positions(float(_rope(hf)[0])),
     }
+
+
+def _positions(theta: float) -> dict[str, Any] | None:
+    """RoPE with the folder's base; null (the attention kind's default RoPE) at the default
+    base, so a minillm export imports as the config it came from."""
+    return None if theta == RotaryPositions.Config().base else {"kind": "rope", "base": theta}
 
 
 def _rope(hf: Any) -> tuple[float, str]:

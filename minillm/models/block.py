@@ -16,6 +16,7 @@ from minillm.attention import Cache, build_attention
 from minillm.attention.cache import static_address
 from minillm.models.config import ModelConfig
 from minillm.models.mlp import build_mlp
+from minillm.positions import Positions, build_positions
 
 
 class Block(nn.Module):
@@ -92,6 +93,25 @@ def init_block_weights(blocks: nn.ModuleList, std: float, n_layers: int) -> None
         nn.init.normal_(block.mlp.gate_proj.weight, 0.0, std)
         nn.init.normal_(block.mlp.up_proj.weight, 0.0, std)
         nn.init.normal_(block.mlp.down_proj.weight, 0.0, out_std)
+
+
+def stack_positions(cfg: ModelConfig, blocks: nn.ModuleList, causal: bool) -> Positions | None:
+    """The positions module of one stack (``model.positions``), handed to the self-attention of
+    each of its ``blocks`` (one T5 table per stack, as in T5); None when ``model.positions`` is
+    null: each kind keeps its own default (RoPE where it takes rotations, else none).
+    Cross-attention keeps no positions: query and memory positions are not aligned."""
+    if cfg.positions is None:
+        return None
+    module = build_positions(cfg.positions, cfg.dim, cfg.n_heads, cfg.max_len, causal)
+    module.init_weights(cfg.init_std)
+    for block in blocks:
+        block.attn.use_positions(module)
+    return module
+
+
+def embed_positions(x: Tensor, module: Positions | None, positions: Tensor) -> Tensor:
+    """Token embeddings x (B, T, dim) plus absolute positions (a learned table), if any."""
+    return x if module is None else module.embed(x, positions)
 
 
 def positions_from_mask(
@@ -179,8 +199,12 @@ class DecodeState:
         self.positions.add_(tokens.shape[1])
 
 
-def decode_capacity(caches: list[tuple[Cache, Cache | None]], max_len: int) -> int | None:
+def decode_capacity(
+    caches: list[tuple[Cache, Cache | None]], max_len: int, positions: Positions | None = None
+) -> int | None:
     """The model's context ``max_len`` if some self-attention cache fills up (grows with the
-    sequence), else None: O(window) and O(1) caches decode past it (RoPE takes any position;
-    quality past the trained length is another matter)."""
-    return max_len if any(c.capacity is not None for c, _ in caches) else None
+    sequence) or the positions have a table of ``max_len`` rows (learned), else None: O(window)
+    and O(1) caches decode past it (relative positions take any distance; quality past the
+    trained length is another matter)."""
+    bounded = positions is not None and positions.max_positions is not None
+    return max_len if bounded or any(c.capacity is not None for c, _ in caches) else None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 from minillm import checks
-from minillm.attention import build_attention
+from minillm.attention import ATTENTION, build_attention
 from minillm.models.mlp import build_mlp
+from minillm.positions import RotaryPositions, build_positions
 
 # an end-of-sequence token and one other: the fewest any tokenizer has (minillm's own have 4
 # special tokens, GPT-2's one, wherever they sit; minillm.data.tokenizer.SpecialTokens)
@@ -42,6 +44,11 @@ class ModelConfig:
     # registry keys or {"kind": ..., **knobs}, repeated to n_layers (whose multiple its length
     # must be), e.g. [gated_linear, gated_linear, gated_linear, mha]. None: ``attn`` everywhere
     layers: list[Any] | None = None
+    # how attention gets token order: a minillm/positions registry key (rope, alibi, t5,
+    # learned, none) or {"kind": ..., **knobs}, for every self-attention of the model (each
+    # stack its own module; cross-attention has none). None: each attention kind's default
+    # (RoPE where it takes rotations, else none)
+    positions: Any = None
     # encoder-decoder only: a registry key or {"kind": ..., **knobs}
     n_encoder_layers: int | None = None  # None: same as n_layers
     encoder_attn: Any = "mha"
@@ -56,6 +63,7 @@ class ModelConfig:
     pool: str = "mean"  # "mean" of the patch states, or a learned "cls" token's state
 
     def __post_init__(self) -> None:
+        self._move_rope_base()
         checks.choice("model.arch", self.arch, ARCHS)
         for key in ("dim", "n_layers", "n_heads", "max_len"):
             checks.integer(f"model.{key}", getattr(self, key))
@@ -93,9 +101,48 @@ class ModelConfig:
         roles = [(attn, SELF_ROLE[self.arch]) for attn in self.layers or [self.attn]]
         if self.arch == "encoder_decoder":
             roles += [(self.encoder_attn, "bidirectional"), (self.cross_attn, "cross")]
+        if self.arch == "vit" and self.positions is not None:
+            raise ValueError(
+                f"model.positions={self.positions!r}: a vit has its own learned 2-D positions; "
+                "model.positions applies to decoder and encoder_decoder (leave it null)"
+            )
         with torch.device("meta"):
             for attn, role in roles:
-                build_attention(attn, self.dim, self.n_heads, role)
+                module = build_attention(attn, self.dim, self.n_heads, role)
+                if self.positions is not None and role != "cross":  # cross: no positions
+                    causal = role == "causal"
+                    pos = build_positions(self.positions, self.dim, self.n_heads, 1, causal)
+                    module.use_positions(pos)
+
+    def _move_rope_base(self) -> None:
+        """Checkpoints from before ``model.positions`` kept RoPE's base in the attention
+        configs (``attn.rope_base``): move it to ``positions`` so they load unchanged. A kind
+        whose Config still has its own ``rope_base`` keeps it; cross-attention never used it."""
+        bases: list[float] = []
+
+        def strip(attn: Any, role: str) -> Any:
+            if not isinstance(attn, Mapping) or "rope_base" not in attn:
+                return attn
+            cls = ATTENTION.get(attn.get("kind"), (None,))[0]
+            if cls is None or "rope_base" in {f.name for f in fields(cls.Config)}:
+                return attn  # an unknown kind fails later, naming the valid ones
+            if role != "cross":
+                bases.append(float(attn["rope_base"]))
+            return {k: v for k, v in attn.items() if k != "rope_base"}
+
+        self.attn = strip(self.attn, "self")
+        self.layers = None if self.layers is None else [strip(a, "self") for a in self.layers]
+        self.encoder_attn = strip(self.encoder_attn, "self")
+        self.cross_attn = strip(self.cross_attn, "cross")
+        if set(bases) <= {RotaryPositions.Config().base}:  # RoPE's default: nothing to carry
+            return
+        if self.positions is not None or len(set(bases)) > 1:
+            raise ValueError(
+                f"attention rope_base={sorted(set(bases))} (an old config) cannot combine with "
+                f"model.positions={self.positions!r}: set RoPE's base once, in "
+                "model.positions={kind: rope, base: ...}"
+            )
+        self.positions = {"kind": "rope", "base": bases[0]}
 
     def _check_vit(self) -> None:
         """Image and head sizes; vocab_size may be None here (no tokenizer)."""

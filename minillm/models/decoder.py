@@ -18,8 +18,10 @@ from minillm.models.block import (
     DecodeState,
     decode_capacity,
     dropout,
+    embed_positions,
     init_block_weights,
     positions_from_mask,
+    stack_positions,
 )
 from minillm.models.config import ModelConfig
 
@@ -31,6 +33,7 @@ class DecoderLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.dropout = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, attn, "causal") for attn in cfg.layer_attns())
+        self.pos_encoding = stack_positions(cfg, self.blocks, causal=True)  # None: kinds' own
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, 0.0, cfg.init_std)
@@ -71,7 +74,8 @@ class DecoderLM(nn.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = positions_from_mask(mask, b, t, input_ids.device)
-        x = self.dropout(self.tok_emb(input_ids))  # (B, T, dim)
+        x = embed_positions(self.tok_emb(input_ids), self.pos_encoding, positions)
+        x = self.dropout(x)  # (B, T, dim)
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             x = block(x, positions=positions, mask=mask, cache=cache)
@@ -120,12 +124,12 @@ class DecoderLM(nn.Module):
         b, t = input_ids.shape
         positions = positions_from_mask(mask, b, t, input_ids.device)  # (B, T)
         if not use_cache:
-            capacity = decode_capacity(self.init_caches(1, 1), self.cfg.max_len)
+            capacity = decode_capacity(self.init_caches(1, 1), self.cfg.max_len, self.pos_encoding)
             state = DecodeState(positions[:, -1:] + 1, capacity, tokens=input_ids, mask=mask)
             return self.lm_head(self.hidden_states(input_ids, mask=mask)[:, -1]), state
         caches = self.init_caches(b, t + min(max_new_tokens, self.cfg.max_len), lookahead=lookahead)
         h = self.hidden_states(input_ids, positions=positions, mask=mask, caches=caches)
-        capacity = decode_capacity(caches, self.cfg.max_len)
+        capacity = decode_capacity(caches, self.cfg.max_len, self.pos_encoding)
         state = DecodeState(positions[:, -1:] + 1, capacity, caches=caches)
         return self.lm_head(h[:, -1]), state  # (B, vocab)
 

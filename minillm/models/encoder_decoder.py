@@ -24,8 +24,10 @@ from minillm.models.block import (
     DecodeState,
     decode_capacity,
     dropout,
+    embed_positions,
     init_block_weights,
     positions_from_mask,
+    stack_positions,
 )
 from minillm.models.config import ModelConfig
 
@@ -41,10 +43,13 @@ class EncoderDecoderLM(nn.Module):
         self.encoder = nn.ModuleList(
             Block(cfg, cfg.encoder_attn, "bidirectional") for _ in range(n_encoder)
         )
+        # each stack its own positions (T5: its own table; the encoder's bidirectional)
+        self.encoder_pos_encoding = stack_positions(cfg, self.encoder, causal=False)
         self.encoder_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.decoder = nn.ModuleList(
             Block(cfg, attn, "causal", cross_attn=cfg.cross_attn) for attn in cfg.layer_attns()
         )
+        self.pos_encoding = stack_positions(cfg, self.decoder, causal=True)
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         for emb in (self.tok_emb, self.src_emb):
@@ -65,7 +70,7 @@ class EncoderDecoderLM(nn.Module):
         b, s = src_ids.shape
         positions = positions_from_mask(src_mask, b, s, src_ids.device)  # (B, S)
         emb = self.src_emb if self.src_emb is not None else self.tok_emb
-        x = self.dropout(emb(src_ids))  # (B, S, dim)
+        x = self.dropout(embed_positions(emb(src_ids), self.encoder_pos_encoding, positions))
         for block in self.encoder:
             x = block(x, positions=positions, mask=src_mask)
         return self.encoder_norm(x)
@@ -111,7 +116,8 @@ class EncoderDecoderLM(nn.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = positions_from_mask(mask, b, t, input_ids.device)  # (B, T)
-        x = self.dropout(self.tok_emb(input_ids))  # (B, T, dim)
+        x = embed_positions(self.tok_emb(input_ids), self.pos_encoding, positions)
+        x = self.dropout(x)  # (B, T, dim)
         for i, block in enumerate(self.decoder):
             cache = caches[i] if caches is not None else None
             x = block(
@@ -223,7 +229,7 @@ class EncoderDecoderLM(nn.Module):
         b, t = input_ids.shape
         positions = positions_from_mask(mask, b, t, input_ids.device)  # (B, T)
         if not use_cache:
-            capacity = decode_capacity(self.init_caches(1, 1), self.cfg.max_len)
+            capacity = decode_capacity(self.init_caches(1, 1), self.cfg.max_len, self.pos_encoding)
             state = DecodeState(
                 positions[:, -1:] + 1, capacity, None, input_ids, mask, memory, src_mask
             )
@@ -234,7 +240,7 @@ class EncoderDecoderLM(nn.Module):
         h = self.decode_hidden(
             input_ids, memory, memory_mask=src_mask, mask=mask, positions=positions, caches=caches
         )  # (B, T, dim); fills the cross caches from the memory, once
-        capacity = decode_capacity(caches, self.cfg.max_len)
+        capacity = decode_capacity(caches, self.cfg.max_len, self.pos_encoding)
         state = DecodeState(positions[:, -1:] + 1, capacity, caches=caches)
         return self.lm_head(h[:, -1]), state  # (B, vocab)
 
