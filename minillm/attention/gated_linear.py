@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from minillm.attention.base import Attention
 from minillm.attention.bounded_cache import RecurrentState
-from minillm.attention.linear_ops import chunk_gla
+from minillm.attention.linear_backends import chunk_gla
 
 
 class GatedLinearAttention(Attention):

@@ -6,13 +6,20 @@ which would make backward quadratic). All compute in at least fp32 (running sums
 log-gates lose too much in bf16) and return outputs in the inputs' dtype. Sequences are padded
 at the end to whole chunks with zero keys, zero log-gates and (delta rule) zero betas, which
 leaves every real output and the carried state unchanged.
+
+These are the ``torch`` backend of the gated ops; the kinds call them through
+``linear_backends`` (which may swap in compiled or fla kernels that must give the same results).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from minillm.attention.gla_intra import GLAIntraScores
 
 
 def _chunks(x: Tensor, c: int) -> Tensor:
@@ -68,7 +75,14 @@ def chunk_linear_attention(
 
 
 def chunk_gla(
-    q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, state: Tensor, chunk_size: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_alpha: Tensor,
+    state: Tensor,
+    chunk_size: int,
+    *,
+    intra_scores: Callable[[Tensor, Tensor, Tensor], Tensor] = GLAIntraScores.apply,
 ) -> tuple[Tensor, Tensor]:
     """Gated linear attention: S_t = diag(alpha_t) S_{t-1} + k_t^T v_t, o_t = q_t S_t.
 
@@ -76,51 +90,23 @@ def chunk_gla(
     D_v) is S_0. ``chunk_size`` is a power of two (shorter inputs use the next power of two
     >= T). Every decay factor is exp of a difference of cumulated log-gates that is <= 0, so
     the result stays finite however strong the decay. Returns o (B, H, T, D_v) and S_T.
+    ``intra_scores`` builds each chunk's decayed score matrix (``gla_intra``).
     """
     t, dtype = q.shape[2], v.dtype
     q, k, v, log_alpha, state = _at_least_fp32(q, k, v, log_alpha, state)
     c = min(chunk_size, 1 << (t - 1).bit_length())
-    q, k, v, g = (_chunks(x, c) for x in (q, k, v, log_alpha))  # (B, H, n, c, D)
+    # one copy of the head-transposed inputs here beats one per batched matmul below
+    q, k, v, g = (_chunks(x.contiguous(), c) for x in (q, k, v, log_alpha))  # (B, H, n, c, D)
     g = g.cumsum(-2)  # log-decay from the chunk start to each position, inclusive
-    o = _gla_intra_chunk(q, k, v, g)  # (B, H, n, c, D_v)
+    o = intra_scores(q, k, g) @ v  # (B, H, n, c, D_v) within each chunk
     g_end = g[..., -1:, :]  # (B, H, n, 1, D_k) log-decay across the whole chunk
     u = (k * (g_end - g).exp()).transpose(-1, -2) @ v  # (B, H, n, D_k, D_v) chunk's own sum
     states = []
     for decay, u_chunk in zip(g_end.squeeze(-2).exp().unbind(2), u.unbind(2), strict=True):
         states.append(state)
-        state = decay[..., None] * state + u_chunk  # (B, H, D_k, D_v)
+        state = torch.addcmul(u_chunk, decay[..., None], state)  # (B, H, D_k, D_v)
     o = o + (q * g.exp()) @ torch.stack(states, 2)  # (B, H, n, c, D_v)
     return o.flatten(2, 3)[:, :, :t].to(dtype), state
-
-
-def _gla_intra_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Tensor:
-    """sum_{s<=t in t's chunk} (q_t * exp(g_t - g_s)) . k_s v_s, without exp of anything > 0.
-
-    The chunk's lower-triangular score matrix A[t, s] = sum_d q_td k_sd exp(g_td - g_sd) is
-    built by doubling: the (2h x 2h) diagonal blocks are [[A_left, 0], [X, A_right]] where the
-    (h x h) block X pairs the right half's queries with the left half's keys. With reference
-    r = the left half's last position, exp(g_t - g_s) = exp(g_t - g_r) * exp(g_r - g_s) and both
-    factors are <= 1, so X is two scaled inputs and one small matmul. Then o = A v.
-    """
-    c = q.shape[-2]
-    a = (q * k).sum(-1)[..., None, None]  # (B, H, n, c, 1, 1) the s = t terms
-    h = 1
-    while h < c:
-        halves = (*q.shape[:-2], c // (2 * h), 2, h)  # (B, H, n, m, 2, h)
-        q_r = q.reshape(*halves, -1).select(-3, 1)  # (B, H, n, m, h, D_k) queries
-        k_l = k.reshape(*halves, -1).select(-3, 0)  # keys
-        g_l, g_r = g.reshape(*halves, -1).unbind(-3)
-        ref = g_l[..., -1:, :]  # (B, H, n, m, 1, D_k)
-        q_r, k_l = q_r * (g_r - ref).exp_(), k_l * (ref - g_l).exp_()  # both factors <= 1
-        if h <= 2:  # tiny blocks: broadcasting beats a batched matmul of 1x1 / 2x2 tiles
-            x = (q_r[..., :, None, :] * k_l[..., None, :, :]).sum(-1)  # (B, H, n, m, h, h)
-        else:
-            x = q_r @ k_l.transpose(-1, -2)  # (B, H, n, m, h, h)
-        a_l, a_r = a.view(*halves, h).unbind(-3)  # (B, H, n, m, h, h) diagonal blocks
-        top = F.pad(a_l, (0, h))  # (B, H, n, m, h, 2h): no query of the left sees the right
-        a = torch.cat((top, torch.cat((x, a_r), -1)), -2)  # (B, H, n, m, 2h, 2h)
-        h *= 2
-    return a.squeeze(-3) @ v  # (B, H, n, c, D_v)
 
 
 def chunk_delta_rule(
