@@ -1,7 +1,9 @@
 """DeltaNet and Gated DeltaNet beyond the registry tests (tests/test_attention.py already holds
 both modules to their twins, padded, cached, rolled back and chunked): the chunkwise op against
 the token loop with gradients of every input, chunk-size invariance down to one token per
-chunk, the delta rule's overwrite, long sequences and extreme decays, knob errors."""
+chunk, the delta rule's overwrite, long sequences and extreme decays, knob errors, and the
+short convolution: conv_size=0 is the plain silu(x W) path, the conv reads only the last
+conv_size tokens, and other kernel sizes still match the twin and decode exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minillm.attention import build_attention
+from minillm.attention import RecurrentState, build_attention
+from minillm.attention.delta_net import ConvRecurrentState, l2_normalize
 from minillm.attention.linear_ops import chunk_delta_rule
 from minillm.attention.reference import REFERENCES, delta_rule_reference
 
@@ -133,7 +136,11 @@ def test_gated_decay_is_mamba2_style_and_never_above_one() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "knobs, words",
-    [({"chunk_size": 48}, "chunk_size, got 48"), ({"expand_k": 0.3}, "n_heads=4")],
+    [
+        ({"chunk_size": 48}, "chunk_size, got 48"),
+        ({"expand_k": 0.3}, "n_heads=4"),
+        ({"conv_size": -1}, "conv_size >= 0"),
+    ],
 )
 def test_bad_knobs_say_what_and_how(kind: str, knobs: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words) as err:
@@ -154,3 +161,94 @@ def test_bf16_autocast_trains_and_stays_near_fp32(kind: str) -> None:
     y.float().square().mean().backward()
     assert y.dtype == torch.bfloat16 and rel_err(y.float(), y32) < 0.03
     assert torch.isfinite(x.grad).all()
+
+
+def heads(y: Tensor, h: int = HEADS) -> Tensor:
+    b, t, _ = y.shape
+    return y.view(b, t, h, -1).transpose(1, 2)  # (B, H, T, d)
+
+
+def test_conv_size_zero_is_the_plain_silu_projection_path() -> None:
+    """conv_size=0: no conv weights, a plain RecurrentState, and outputs (left-padded rows
+    included) of q, k, v = silu(x W) through the delta rule, as before the conv existed."""
+    torch.manual_seed(0)
+    attn = build_attention({"kind": "delta_net", "conv_size": 0}, DIM, HEADS, "causal")
+    assert not any("conv" in name for name, _ in attn.named_parameters())
+    assert type(attn.init_cache(2, 16, "cpu", torch.float32)) is RecurrentState
+    x, mask = torch.randn(2, 13, DIM), torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :4] = False
+    with torch.no_grad():
+        q = l2_normalize(heads(F.silu(attn.q_proj(x)))) * attn.head_k**-0.5
+        k = l2_normalize(heads(F.silu(attn.k_proj(x))))
+        v = heads(F.silu(attn.v_proj(x)))
+        beta = torch.sigmoid(attn.b_proj(x)).transpose(1, 2)
+        o, _ = delta_rule_reference(q, k, v, beta, None, mask)
+        expect = attn.o_proj(attn.o_norm(o.transpose(1, 2)).reshape(2, 13, DIM))
+        y = attn(x, positions=torch.arange(13)[None], mask=mask)
+    torch.testing.assert_close(y[0], expect[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[1, 4:], expect[1, 4:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_identity_kernel_gives_the_no_conv_module(kind: str) -> None:
+    """Taps (0, ..., 0, 1) make the conv the identity: the default module then equals a
+    conv_size=0 one with the same other weights, in the full forward and while decoding."""
+    torch.manual_seed(0)
+    conv = build_attention({"kind": kind}, DIM, HEADS, "causal")
+    plain = build_attention({"kind": kind, "conv_size": 0}, DIM, HEADS, "causal")
+    plain.load_state_dict({n: p for n, p in conv.state_dict().items() if "conv" not in n})
+    with torch.no_grad():
+        for c in conv.short_convs():
+            c.weight.zero_()[:, :, -1] = 1.0
+    x, pos = torch.randn(2, 10, DIM), torch.arange(10)[None]
+    cache = conv.init_cache(2, 10, "cpu", torch.float32)
+    with torch.no_grad():
+        expect = plain(x, positions=pos)
+        y = conv(x, positions=pos)
+        steps = [conv(x[:, :6], positions=pos[:, :6], cache=cache)]
+        for i in range(6, 10):
+            steps.append(conv(x[:, i : i + 1], positions=pos[:, i : i + 1], cache=cache))
+    torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv_size", [1, 2, 4])
+def test_conv_reads_only_this_and_the_last_conv_size_minus_one_tokens(conv_size: int) -> None:
+    """Changing token 9 changes q, k, v at tokens 9 .. 9 + conv_size - 1 only: the conv never
+    looks ahead (causality) and forgets a token after conv_size steps."""
+    torch.manual_seed(0)
+    attn = build_attention({"kind": "delta_net", "conv_size": conv_size}, DIM, HEADS, "causal")
+    x = torch.randn(1, 20, DIM)
+    changed = x.clone()
+    changed[:, 9] += 1.0
+    with torch.no_grad():
+        before = torch.cat(attn.qkv(x, None, None)[:3], -1)  # (1, T, C)
+        after = torch.cat(attn.qkv(changed, None, None)[:3], -1)
+    moved = (after - before).abs().amax(-1)[0] > 1e-6  # (T,)
+    assert moved.tolist() == [9 <= t < 9 + conv_size for t in range(20)]
+
+
+@pytest.mark.parametrize("conv_size", [1, 3, 5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_kernel_sizes_match_the_twin_and_decode_exactly(kind: str, conv_size: int) -> None:
+    """Kernels other than the default: fast path = twin on a left-padded batch, and a padded
+    prefill then one token at a time (with 2 rejected drafts rolled back) = full forward."""
+    torch.manual_seed(0)
+    attn = build_attention({"kind": kind, "conv_size": conv_size}, DIM, HEADS, "causal")
+    x, mask = torch.randn(2, 15, DIM), torch.ones(2, 15, dtype=torch.bool)
+    mask[1, :4] = False
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    cache = attn.init_cache(2, 15, "cpu", torch.float32, lookahead=2)
+    assert isinstance(cache, ConvRecurrentState)
+    with torch.no_grad():
+        y = attn(x, positions=pos, mask=mask)
+        y_ref = REFERENCES[type(attn)](attn, x, positions=pos, mask=mask)
+        steps = [attn(x[:, :7], positions=pos[:, :7], mask=mask[:, :7], cache=cache)]
+        for i in (7, 8):  # two drafted tokens, then rejected
+            attn(x[:, i : i + 1] + 1.0, positions=pos[:, i : i + 1], cache=cache)
+        assert cache.rollback(2) == 2
+        for i in range(7, 15):
+            steps.append(attn(x[:, i : i + 1], positions=pos[:, i : i + 1], cache=cache))
+    real = mask[:, :, None]
+    torch.testing.assert_close(y * real, y_ref * real, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1) * real, y * real, rtol=1e-5, atol=1e-5)

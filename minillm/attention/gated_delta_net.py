@@ -7,8 +7,8 @@ is Mamba2's, as in the paper and fla: log alpha_t = g_t = -exp(A_log) * softplus
 dt_bias) <= 0, with A_log, dt_bias one per head, initialised as fla does (A ~ U(0, 16),
 dt = softplus(dt_bias) log-uniform in [1e-3, 0.1]). So alpha can forget fast (erase the whole
 memory on a topic switch) while beta edits one key at a time. After the per-head RMSNorm a
-swish output gate (as ``gated_linear``) multiplies the heads before o_proj. No short
-convolutions (see ``delta_net.py``).
+swish output gate (as ``gated_linear``) multiplies the heads before o_proj. The short causal
+convolutions on q, k, v (``conv_size``, default 4 as fla) and their cache are DeltaNet's.
 """
 
 from __future__ import annotations

@@ -361,9 +361,22 @@ def _delta_heads(
     def silu(y: Tensor) -> Tensor:
         return y * torch.sigmoid(y)
 
-    q = unit(_split_heads(silu(_project(attn.q_proj, x)), h)) / math.sqrt(attn.head_k)
-    k = unit(_split_heads(silu(_project(attn.k_proj, x)), h))  # (B, H, T, D_k)
-    v = _split_heads(silu(_project(attn.v_proj, x)), h)  # (B, H, T, D_v)
+    def conv(y: Tensor, i: int) -> Tensor:  # short causal depthwise conv i; padding reads 0
+        size = attn.cfg.conv_size
+        if not size:
+            return y
+        w = attn.short_convs()[i].weight[:, 0]  # (C, K): tap j weighs token t - (K - 1) + j
+        y = y if mask is None else y * mask[:, :, None]
+        out = []
+        for t in range(y.shape[1]):
+            taps = [w[:, j] * y[:, t - size + 1 + j] for j in range(size) if t - size + 1 + j >= 0]
+            out.append(sum(taps))
+        return torch.stack(out, 1)  # (B, T, C)
+
+    q = unit(_split_heads(silu(conv(_project(attn.q_proj, x), 0)), h))
+    q = q / math.sqrt(attn.head_k)
+    k = unit(_split_heads(silu(conv(_project(attn.k_proj, x), 1)), h))  # (B, H, T, D_k)
+    v = _split_heads(silu(conv(_project(attn.v_proj, x), 2)), h)  # (B, H, T, D_v)
     beta = torch.sigmoid(_project(attn.b_proj, x)).transpose(1, 2)  # (B, H, T)
     return delta_rule_reference(q, k, v, beta, log_alpha, mask)[0]
 
