@@ -184,5 +184,6 @@ def test_train_py_help_lists_groups_and_keys() -> None:
         [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for word in ("attn:", "gated_linear", "mlp: moe, swiglu", "max_steps", "MINILLM_TRACEBACK"):
+    words = ("attn:", "gated_linear", "mlp: gelu, moe, swiglu", "max_steps", "MINILLM_TRACEBACK")
+    for word in words:
         assert word in proc.stdout

@@ -235,7 +235,7 @@ BAD = {
     "window=0": "window=0: must be a positive integer",
     "batch_size=0": "batch_size=0: must be a positive integer",
     "num_beams=0": "num_beams=0: must be a positive integer",
-    "mode=sideways": "mode='sideways': choose one of recurrent, window",
+    "mode=sideways": "mode='sideways': choose one of memory, recurrent, window",
     "window=8 stride=16": "stride=16: must be at most window=8",
     "strid=3": "unknown option strid; valid keys there: .*stride",
     "data=nope": "valid choices for data: .*hf, .*sotu, text, translation",

@@ -97,7 +97,7 @@ def llama_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
         ({"rope_scaling": LINEAR_ROPE, "rope_parameters": LINEAR_ROPE}, "rope_type='linear'"),
         ({"mlp_bias": True}, "mlp_bias=true"),
         ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16"),
-        ({"model_type": "gpt2"}, "model_type='gpt2' is not importable"),
+        ({"model_type": "gpt_neox"}, "model_type='gpt_neox' is not importable"),
     ],
 )
 def test_import_names_what_the_llama_block_lacks(llama_dir, tmp_path, edit, named):

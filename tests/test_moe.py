@@ -111,7 +111,7 @@ def test_expert_width_keeps_active_params_and_flops_are_active_only() -> None:
     ("mlp", "error"),
     [
         ("nope", "model.mlp='nope': choose one of swiglu, moe"),
-        ({"n_experts": 4}, "model.mlp={'n_experts': 4}: needs a kind (swiglu, moe)"),
+        ({"n_experts": 4}, "model.mlp={'n_experts': 4}: needs a kind (swiglu, moe, gelu)"),
         ({"kind": "moe", "n_experts": 0}, "model.mlp.n_experts=0: must be a positive integer"),
         ({"kind": "moe", "top_k": 9}, "model.mlp.top_k=9: must be at most"),
         ({"kind": "moe", "z_loss_weight": -1}, "model.mlp.z_loss_weight=-1: must be a number"),
@@ -189,14 +189,14 @@ def test_mlp_group_takes_knob_overrides_and_model_mlp_still_works() -> None:
     assert compose(["model.mlp=moe"])["model"]["mlp"] == "moe"
     cfg = compose(["model.mlp={kind:moe,n_experts:4,top_k:1}"])["model"]["mlp"]
     assert cfg == {"kind": "moe", "n_experts": 4, "top_k": 1}
-    assert set(MLPS) == {"swiglu", "moe"}
+    assert set(MLPS) == {"swiglu", "moe", "gelu"}
 
 
 @pytest.mark.parametrize(
     ("overrides", "error"),
     [
         (["mlp.n_experts=4"], "unknown option mlp.n_experts"),  # swiglu has no knobs
-        (["mlp=nope"], "Could not find 'mlp/nope'; valid choices for mlp: moe, swiglu"),
+        (["mlp=nope"], "Could not find 'mlp/nope'; valid choices for mlp: gelu, moe, swiglu"),
         (["mlp=moe", "mlp.top_k=9"], "model.mlp.top_k=9: must be at most"),
     ],
 )

@@ -117,6 +117,21 @@ def test_sigterm_saves_at_a_step_and_resume_equals_one_uninterrupted_run(
     assert_resume_equals_whole(whole, resumed, Path(whole["run_dir"]), run_dir)
 
 
+def test_kill_9_and_resume_with_xl_memory_equals_one_uninterrupted_run(
+    corpus_file: Path, tmp_path: Path
+):
+    """The streams' memory at the checkpoint travels in it: without it step N's loss would
+    differ (the resumed memory would be empty); validation (step 4, 8) keeps its own."""
+    overrides = [*resume_overrides(corpus_file), "model.memory_len=24"]
+    whole = train(compose(overrides), tmp_path / "whole")
+    run_dir = tmp_path / "crashed"
+    status, out = start_and_signal(overrides, run_dir, signal.SIGKILL)
+    assert status == -signal.SIGKILL, f"the run ended before it was killed:\n{out}"
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == N
+    resumed = train(compose([*overrides, "ckpt_path=last"]), run_dir)
+    assert_resume_equals_whole(whole, resumed, Path(whole["run_dir"]), run_dir)
+
+
 @pytest.fixture(scope="module")
 def good_ckpt(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("good")

@@ -88,7 +88,9 @@ class EvaluateConfig:
     # metric=ppl and metric=accuracy
     split: str | None = None  # ppl: all|train|validation; accuracy: train|validation|test
     # metric=ppl
-    mode: str = "window"  # window (sliding window, every kind) | recurrent (one cached pass)
+    # window (sliding window, every kind) | recurrent (one cached pass) | memory (segments of
+    # `window` tokens carrying the XL memory: a model trained with model.memory_len > 0)
+    mode: str = "window"
     window: int | None = None  # tokens of context; default the model's max_len
     stride: int | None = None  # tokens a window advances (or a recurrent call reads); window//2
     contexts: list[int] = field(default_factory=list)  # windows to score (extrapolation)
@@ -203,6 +205,8 @@ def run_ppl(args: EvaluateConfig, device: str) -> dict[str, Any]:
     result = perplexity(model, tokenizer, docs, batch_size=batch_size, **options)
     window = args.window or model.cfg.max_len
     stride = args.stride or max(1, window // 2)
+    if args.mode == "memory":  # consecutive segments: each advances a whole window
+        stride = window
     print(
         f"perplexity {result.ppl:.3f} (loss {result.loss:.4f} nats/token), "
         f"{result.bits_per_byte:.4f} bits per byte\n"

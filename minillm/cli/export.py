@@ -2,8 +2,8 @@
 plain files that load without Lightning or Hydra, in minillm's layout or Hugging Face's.
 
     minillm-export ckpt=outputs/<run>/checkpoints/best.ckpt out=exported/ [overwrite=true]
-    minillm-export ckpt=... out=hf_model/ format=hf       # transformers' LlamaForCausalLM
-    minillm-export ckpt=hf:<HF folder> out=converted/     # a Llama-family folder to minillm's
+    minillm-export ckpt=... out=hf_model/ format=hf       # LlamaForCausalLM or GPT2LMHeadModel
+    minillm-export ckpt=hf:<HF folder> out=converted/     # Llama-family or GPT-2 to minillm's
 
 ``format=minillm`` (default) writes ``model.safetensors`` (weights; the tied LM head stored
 once), ``config.json`` (the model config) and ``tokenizer.json``
@@ -43,7 +43,7 @@ class ExportConfig:
     ckpt: str = MISSING  # a .ckpt file, an exported folder or hf:<Hugging Face folder>
     out: str = MISSING  # a new or empty folder
     overwrite: bool = False  # replace the model files in a non-empty ``out``
-    format: str = "minillm"  # minillm (load_pretrained) or hf (transformers, Llama)
+    format: str = "minillm"  # minillm (load_pretrained) or hf (transformers: Llama or GPT-2)
 
     def __post_init__(self) -> None:
         checks.choice("format", self.format, FORMATS)

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from minillm.data.base import TrainingDataModule
-from minillm.data.sampler import ResumableBatchSampler
+from minillm.data.sampler import ResumableBatchSampler, SegmentBatchSampler
 from minillm.data.sources import DataConfig, load_documents
 from minillm.data.tokenizer import SpecialTokens, corpus_fingerprint, load_or_train_tokenizer
 
@@ -40,12 +40,21 @@ class LMDataModule(TrainingDataModule):
     a checkpoint continues with the batches an uninterrupted run would have seen. The
     trainer must be built with `use_distributed_sampler=False`: the batch sampler already
     shards by rank.
+
+    ``segments=True`` (a model with XL memory, ``model.memory_len``): the blocks are read as
+    parallel streams of consecutive segments instead (``SegmentBatchSampler``: training, same
+    order every epoch; validation, ``eval_batch_size`` streams over the blocks in order, the
+    last stream's missing tail filled with unscored rows), and each batch carries ``segment``
+    (B,), each row's segment index in its stream (0: the model clears that row's memory).
     """
 
     Config = DataConfig  # the schema of its data config (conf/data/{sotu,text,hf}.yaml)
 
-    def __init__(self, data: DataConfig | Mapping[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self, data: DataConfig | Mapping[str, Any], *, segments: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(data, **kwargs)
+        self.segments = segments
         self.train_blocks: np.ndarray | None = None  # (n_train_blocks, max_len + 1) int32
         self.valid_blocks: np.ndarray | None = None  # (n_valid_blocks, <= max_len + 1) int32
         self.special: SpecialTokens | None = None  # the tokenizer's ids, set by setup()
@@ -131,7 +140,7 @@ class LMDataModule(TrainingDataModule):
                 f"{n} training blocks give no full step of batch_size {self.batch_size} x "
                 f"world_size {world_size} x accumulate {self.accumulate}; lower them or max_len"
             )
-        sampler = ResumableBatchSampler(
+        sampler = (SegmentBatchSampler if self.segments else ResumableBatchSampler)(
             n,
             self.batch_size,
             seed=self.seed,
@@ -141,10 +150,13 @@ class LMDataModule(TrainingDataModule):
             # one pass = the whole run when total_steps is known, else one epoch
             num_batches=self.total_steps * self.accumulate if self.total_steps else per_epoch,
         )
+        dataset = _Blocks(self.train_blocks)
+        if self.segments:
+            dataset = _SegmentBlocks(self.train_blocks, sampler.batches_per_epoch)
         return DataLoader(
-            _Blocks(self.train_blocks),
+            dataset,
             batch_sampler=sampler,
-            collate_fn=_collate,
+            collate_fn=_collate if not self.segments else _identity,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -154,6 +166,18 @@ class LMDataModule(TrainingDataModule):
         """All validation blocks in order; under DDP rank r takes blocks r::world_size."""
         self.setup()
         rank, world_size, _ = self._position()
+        if self.segments:  # rank r: the r-th contiguous share, so streams stay in order
+            blocks = np.array_split(self.valid_blocks, world_size)[rank]
+            n_streams = max(1, min(self.eval_batch_size, len(blocks)))
+            length = -(-len(blocks) // n_streams)  # segments a stream
+            order = [[s * length + g for s in range(n_streams)] for g in range(length)]
+            return DataLoader(
+                _SegmentBlocks(blocks, length),
+                batch_sampler=order,
+                collate_fn=_identity,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+            )
         return DataLoader(
             _Blocks(self.valid_blocks[rank::world_size]),
             batch_size=self.eval_batch_size,
@@ -205,3 +229,29 @@ def _collate(blocks: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tenso
     if isinstance(blocks, list):
         blocks = torch.stack(blocks)
     return {"input_ids": blocks[:, :-1].contiguous(), "labels": blocks[:, 1:].contiguous()}
+
+
+class _SegmentBlocks(Dataset):
+    """Blocks read as streams of ``length`` consecutive segments (XL memory): a batch of
+    indices gives ``input_ids``, ``labels`` and each row's ``segment`` (index % length).
+    Indices past the blocks are filler rows: token 0, no label scored."""
+
+    def __init__(self, blocks: np.ndarray, length: int) -> None:
+        self.blocks, self.length = blocks, length
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.tensor(indices)
+        real = index < len(self.blocks)  # (B,)
+        blocks = torch.zeros(len(indices), self.blocks.shape[1], dtype=torch.long)
+        blocks[real] = torch.from_numpy(self.blocks[index[real].numpy()].astype(np.int64))
+        batch = _collate(blocks)
+        batch["labels"][~real] = -100
+        return {**batch, "segment": index % self.length}
+
+
+def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The collate of ``_SegmentBlocks``, whose ``__getitems__`` makes the whole batch."""
+    return batch

@@ -77,3 +77,27 @@ class ResumableBatchSampler(Sampler[list[int]]):
                 offset += 1
                 position += 1
             epoch, offset = epoch + 1, 0
+
+
+class SegmentBatchSampler(ResumableBatchSampler):
+    """Consecutive segments in order, for Transformer-XL memory (``model.memory_len``).
+
+    The ``n`` blocks (consecutive slices of the token stream) are read as ``global batch``
+    parallel streams of ``L = n // global_batch`` blocks each, stream s holding blocks
+    ``[s * L, (s + 1) * L)``: global batch g is segment ``g % L`` of every stream, so row r of
+    batch g + 1 continues row r of batch g. Every epoch repeats the same order (there is
+    nothing to shuffle without breaking the streams; ``seed`` is unused). Ranks take
+    contiguous slices of the streams. Like the parent, a pure function of the position:
+    exact resume. ``segment_of(index)`` says which segment of its stream a block is (0
+    starts a stream: the memory is cleared there).
+    """
+
+    def batches(self, start: int, stop: int) -> Iterator[list[int]]:
+        length = self.batches_per_epoch  # blocks per stream
+        first_stream = self.rank * self.batch_size
+        streams = torch.arange(first_stream, first_stream + self.batch_size) * length
+        for position in range(start, stop):
+            yield (streams + position % length).tolist()
+
+    def segment_of(self, index: int) -> int:
+        return index % self.batches_per_epoch

@@ -20,6 +20,12 @@ Two ways to give each token its context, for every attention kind:
   all of it for ``linear``/``gated_linear`` (their O(1) recurrent state) and for softmax
   kinds (a KV cache as long as the document, which for documents longer than ``max_len``
   asks RoPE for positions it never trained on); the last ``window`` tokens for ``local``.
+- ``mode="memory"``: Transformer-XL, for a model trained with ``model.memory_len``: each
+  document as consecutive segments of ``window`` tokens, each segment attending over the
+  memory of the ones before (``DecoderLM.hidden_states_with_memory``); every token is scored
+  once (``stride`` is unused). A token's context reaches back about ``n_layers x memory_len``
+  tokens (each layer's memory holds states that saw the memory before them), though only
+  ``memory_len`` + its segment position directly. ``batch_size`` documents go together.
 """
 
 from __future__ import annotations
@@ -162,4 +168,34 @@ def _recurrent_nll(
     return total
 
 
-SCORERS = {"window": _window_nll, "recurrent": _recurrent_nll}
+def _memory_nll(
+    model: DecoderLM, docs: list[Tensor], window: int, stride: int, batch_size: int, pad_id: int
+) -> float:
+    """``batch_size`` documents at a time as streams of ``window``-token segments carrying the
+    XL memory (``stride`` unused). Rows are right-padded: a document's padding only follows its
+    last real token, so no real token ever sees it (its memory is read by no later segment)."""
+    if not model.cfg.memory_len:
+        raise ValueError(
+            "mode=memory needs a model trained with model.memory_len > 0 (this one has 0); "
+            "use mode=window or mode=recurrent"
+        )
+    device = model.tok_emb.weight.device
+    total = torch.zeros((), device=device)
+    docs = sorted(docs, key=len, reverse=True)  # alike lengths together: less padding
+    for i in range(0, len(docs), batch_size):
+        chunk = docs[i : i + batch_size]
+        n = len(chunk[0]) - 1
+        inputs = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), n), -100, dtype=torch.long)
+        for row, doc in enumerate(chunk):
+            inputs[row, : len(doc) - 1], labels[row, : len(doc) - 1] = doc[:-1], doc[1:]
+        inputs, labels, memory = inputs.to(device), labels.to(device), None
+        for a in range(0, n, window):
+            h, memory = model.hidden_states_with_memory(inputs[:, a : a + window], memory)
+            logits = model.lm_head(h)  # (B, T, V)
+            y = labels[:, a : a + window]
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+    return total.item()
+
+
+SCORERS = {"window": _window_nll, "recurrent": _recurrent_nll, "memory": _memory_nll}

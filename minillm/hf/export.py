@@ -1,4 +1,9 @@
-"""minillm decoder -> HF Llama folder (``save_hf``); see ``minillm.hf``."""
+"""minillm decoder -> HF Llama or GPT-2 folder (``save_hf``); see ``minillm.hf``.
+
+A decoder with learned absolute positions is written as a GPT-2 (``GPT2LMHeadModel``), any
+other as a Llama; each layout refuses, naming them, the options it cannot express. GPT-2 has
+biases everywhere: a minillm projection without one is written with a zero bias.
+"""
 
 from __future__ import annotations
 
@@ -25,15 +30,34 @@ from minillm.hf.common import (
     NATIVE,
     SPECIAL_ROLES,
     hf_name,
+    minillm_to_gpt2,
 )
 from minillm.integrity import CHECKSUMS, checksums
 from minillm.models import ModelConfig
-from minillm.models.mlp import SwiGLU, mlp_config
-from minillm.positions import RotaryPositions, positions_config, positions_kind
+from minillm.models.mlp import GeluMLP, SwiGLU, mlp_config
+from minillm.positions import (
+    LearnedPositions,
+    RotaryPositions,
+    positions_config,
+    positions_kind,
+)
+
+GPT2_TOKEN = "<|endoftext|>"  # GPT-2's only special token: its bos, eos and unk
 
 
 def check_exportable(cfg: ModelConfig) -> None:
-    """Raise one line naming every option of ``cfg`` that a HF Llama cannot express."""
+    """Raise one line naming every option of ``cfg`` that its HF layout (``hf_layout``)
+    cannot express."""
+    LAYOUTS[hf_layout(cfg)][0](cfg)
+
+
+def hf_layout(cfg: ModelConfig) -> str:
+    """``gpt2`` for a decoder with learned absolute positions, else ``llama``."""
+    learned = cfg.positions is not None and positions_config(cfg.positions)[0] is LearnedPositions
+    return "gpt2" if learned else "llama"
+
+
+def _check_llama(cfg: ModelConfig) -> None:
     problems = [] if cfg.arch == "decoder" else [f"model.arch={cfg.arch!r}"]
     cls, knobs = attention_config(cfg.attn)
     if cls is not MultiHeadAttention:  # mha / gqa / mqa: softmax over every earlier key
@@ -85,9 +109,9 @@ def _non_default(obj: Any, known: set[str], prefix: str) -> list[str]:
 def llama_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Tokenizer) -> dict[str, Any]:
     """config.json of a LlamaForCausalLM equal to a minillm decoder (keys transformers 4.40
     and 5 both read: ``rope_theta`` and ``torch_dtype`` rather than 5's own spellings)."""
-    check_exportable(cfg)
+    _check_llama(cfg)
     attn = attention_config(cfg.attn)[1]
-    ids = {f"{role}_id": tokenizer.token_to_id(SPECIAL_ROLES[role]) for role in CONFIG_ROLES}
+    ids = _token_ids(tokenizer)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -133,21 +157,34 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
-    """{"bos_token": "<bos>", ...}: each role whose minillm token the tokenizer has."""
-    return {k: v for k, v in SPECIAL_ROLES.items() if tokenizer.token_to_id(v) is not None}
+    """{"bos_token": "<bos>", ...}: each role whose minillm token the tokenizer has; GPT-2's
+    ``<|endoftext|>`` is its bos, eos and unk."""
+    roles = {k: v for k, v in SPECIAL_ROLES.items() if tokenizer.token_to_id(v) is not None}
+    if tokenizer.token_to_id(GPT2_TOKEN) is not None:
+        for role in ("bos_token", "eos_token", "unk_token"):
+            roles.setdefault(role, GPT2_TOKEN)
+    return roles
+
+
+def _token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
+    """config.json's bos/eos/pad_token_id."""
+    roles = special_tokens(tokenizer)
+    ids = {r: tokenizer.token_to_id(roles[r]) if r in roles else None for r in CONFIG_ROLES}
+    return {f"{r}_id": i for r, i in ids.items()}
 
 
 def save_hf(
     model: nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike, overwrite: bool = False
 ) -> Path:
-    """Write ``model`` and ``tokenizer`` as a HF Llama folder (``HF_FILES``).
+    """Write ``model`` and ``tokenizer`` as a HF Llama or GPT-2 folder (``HF_FILES``).
 
     Written like ``save_pretrained``: ``out_dir`` new or empty unless ``overwrite`` (then only
     these files are replaced), every file atomically; the safetensors metadata carries the
     crc32 of each tensor, which ``load_hf`` checks.
     """
-    config = llama_config(model.cfg, next(model.parameters()).dtype, tokenizer)
-    tensors = hf_state_dict(model)
+    layout = LAYOUTS[hf_layout(model.cfg)]
+    config = layout[1](model.cfg, next(model.parameters()).dtype, tokenizer)
+    tensors = layout[2](model)
     metadata = {"format": "pt", CHECKSUMS: json.dumps(checksums(tensors))}
     roles = special_tokens(tokenizer)
     generation = {k: v for k, v in config.items() if k.endswith("_token_id") and v is not None}
@@ -173,3 +210,73 @@ def _json(obj: Any) -> Callable[[Path], Any]:
 
 
 # ---------------------------------------------------------------- import: HF -> minillm
+
+
+# ---------------------------------------------------------------- GPT-2
+def _check_gpt2(cfg: ModelConfig) -> None:
+    """GPT-2: LayerNorm, a GELU MLP, mha (no grouped KV heads), learned positions."""
+    problems = [] if cfg.arch == "decoder" else [f"model.arch={cfg.arch!r}"]
+    cls, knobs = attention_config(cfg.attn)
+    if cls is not MultiHeadAttention or knobs.n_kv_heads not in (None, cfg.n_heads):
+        kind = cfg.attn if isinstance(cfg.attn, str) else cfg.attn["kind"]
+        problems.append(f"attn.kind={kind!r}")
+    if mlp_config(cfg.mlp)[0] is not GeluMLP:
+        problems.append(f"mlp.kind={cfg.mlp if isinstance(cfg.mlp, str) else cfg.mlp['kind']!r}")
+    if cfg.norm != "layernorm":
+        problems.append(f"model.norm={cfg.norm!r}")
+    problems += _non_default(cfg, MODEL_FIELDS | {"mlp", "positions", "norm"}, "model.")
+    if problems:
+        raise ValueError(
+            f"format=hf: a Hugging Face GPT-2 (what learned positions export as) cannot express "
+            f"{', '.join(problems)} (it has LayerNorm, a GELU MLP and mha in a decoder); {NATIVE}"
+        )
+
+
+def gpt2_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Tokenizer) -> dict[str, Any]:
+    """config.json of a GPT2LMHeadModel equal to a minillm decoder (dropout 0: set it when
+    fine-tuning)."""
+    _check_gpt2(cfg)
+    gelu = {"tanh": "gelu_new", "none": "gelu"}[mlp_config(cfg.mlp)[1].approximate]
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_positions": cfg.max_len,
+        "n_inner": cfg.hidden,
+        "activation_function": gelu,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        **{key: 0.0 for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")},
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        **_token_ids(tokenizer),
+    }
+
+
+def gpt2_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's tensors under GPT-2 names (Conv1D layout, q/k/v fused), on the CPU; a
+    block projection without a bias gets a zero one, a tied LM head is omitted."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, module in model.blocks.named_modules(prefix="blocks"):
+        if isinstance(module, nn.Linear) and module.bias is None:
+            state[f"{name}.bias"] = torch.zeros(module.out_features, dtype=module.weight.dtype)
+    if model.cfg.tie_embeddings:
+        del state["lm_head.weight"]
+    out, unmapped = minillm_to_gpt2(state)
+    if unmapped:
+        raise ValueError(f"format=hf: GPT-2 has no tensor for {', '.join(unmapped)}; {NATIVE}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# layout -> (check, config.json, tensors under its names)
+LAYOUTS: dict[str, tuple[Callable[..., Any], Callable[..., dict], Callable[..., dict]]] = {
+    "llama": (_check_llama, llama_config, hf_state_dict),
+    "gpt2": (_check_gpt2, gpt2_config, gpt2_state_dict),
+}

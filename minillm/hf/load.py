@@ -1,9 +1,16 @@
-"""HF Llama-family folder -> minillm decoder (``load_hf``); see ``minillm.hf``."""
+"""HF Llama-family or GPT-2 folder -> minillm decoder (``load_hf``); see ``minillm.hf``.
+
+Each importable ``model_type`` has a reader (``READERS``): its minillm config, what minillm's
+block lacks for it (refused in one line), its tensors under minillm names. GPT-2 becomes block
+options of the one decoder: ``norm=layernorm``, ``mlp=gelu``, ``positions=learned``, mha with
+biases.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +20,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from minillm.checkpoint import read_checkpoint
-from minillm.hf.common import HF_PREFIX, IMPORTABLE, hf_folder, hf_name, minillm_name
+from minillm.hf.common import HF_PREFIX, IMPORTABLE, gpt2_to_minillm, hf_folder, minillm_name
 from minillm.integrity import CHECKSUMS, CheckpointError, verify_checksums
 from minillm.models import build_model
 from minillm.positions import RotaryPositions
@@ -32,8 +39,12 @@ def auto_config(folder: Path) -> Any:
 
 def model_config(hf: Any) -> dict[str, Any]:
     """The minillm model config (a dict) equal to a transformers config; raises one line
-    naming whatever the Llama block lacks."""
+    naming whatever minillm's block lacks."""
     check_importable(hf)
+    return READERS[hf.model_type][0](hf)
+
+
+def _llama_config(hf: Any) -> dict[str, Any]:
     n_heads, n_kv = hf.num_attention_heads, hf.num_key_value_heads or hf.num_attention_heads
     kind = "mha" if n_kv == n_heads else "mqa" if n_kv == 1 else "gqa"
     attn = {"kind": kind, "bias": IMPORTABLE[hf.model_type](hf)}
@@ -72,13 +83,19 @@ def _rope(hf: Any) -> tuple[float, str]:
 
 
 def check_importable(hf: Any) -> None:
-    """Raise one line naming every feature of ``hf`` the Llama block does not have."""
+    """Raise one line naming every feature of ``hf`` minillm's block does not have."""
     model_type = getattr(hf, "model_type", None)
-    if model_type not in IMPORTABLE:
+    if model_type not in READERS:
         raise ValueError(
             f"model_type={model_type!r} is not importable: minillm reads the Llama family "
-            f"({', '.join(IMPORTABLE)}); GPT-2-style models need block options minillm lacks"
+            f"({', '.join(IMPORTABLE)}) and gpt2"
         )
+    missing = READERS[model_type][1](hf)
+    if missing:
+        raise ValueError(f"cannot import this {model_type} model: {'; '.join(missing)}")
+
+
+def _llama_lacks(hf: Any) -> list[str]:
     missing = []
     if hf.hidden_act not in ("silu", "swish"):
         missing.append(f"hidden_act={hf.hidden_act!r} (minillm's MLP is SwiGLU)")
@@ -92,8 +109,7 @@ def check_importable(hf: Any) -> None:
     window = _sliding_window(hf)
     if window is not None:
         missing.append(f"sliding_window={window} (minillm's mha attends to every earlier key)")
-    if missing:
-        raise ValueError(f"cannot import this {model_type} model: {'; '.join(missing)}")
+    return missing
 
 
 def _sliding_window(hf: Any) -> int | None:
@@ -147,11 +163,8 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def minillm_state_dict(
-    tensors: dict[str, Tensor], model: nn.Module, where: str
-) -> dict[str, Tensor]:
-    """HF tensors renamed onto ``model``'s state dict. A bias the file lacks is zero (a Linear
-    without one computes the same); a tied LM head is the embedding."""
+def _llama_tensors(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """(Llama tensors under minillm names, HF names with no place)."""
     mapped, unused = {}, []
     for name, tensor in tensors.items():
         target = minillm_name(name)
@@ -159,8 +172,20 @@ def minillm_state_dict(
             mapped[target] = tensor
         elif not name.endswith("rotary_emb.inv_freq"):  # a buffer some old files carry
             unused.append(name)
+    return mapped, unused
+
+
+def minillm_state_dict(
+    tensors: dict[str, Tensor], model: nn.Module, where: str, model_type: str = "llama"
+) -> dict[str, Tensor]:
+    """HF tensors of a ``model_type`` folder renamed onto ``model``'s state dict. A bias the
+    file lacks is zero (a Linear without one computes the same); a tied LM head is the
+    embedding."""
+    mapped, unused = READERS[model_type][2](tensors)
     if unused:
-        raise CheckpointError(f"{where}: the Llama block has no place for {', '.join(unused[:4])}")
+        raise CheckpointError(
+            f"{where}: minillm's {model_type} layout has no place for {', '.join(unused[:4])}"
+        )
     own = model.state_dict()
     if model.cfg.tie_embeddings and "tok_emb.weight" in mapped:
         mapped["lm_head.weight"] = mapped["tok_emb.weight"]
@@ -169,7 +194,7 @@ def minillm_state_dict(
             mapped[name] = torch.zeros_like(value)
     missing = [name for name in own if name not in mapped]
     if missing:
-        names = ", ".join(filter(None, map(hf_name, missing[:4])))
+        names = ", ".join(missing[:4])
         raise CheckpointError(f"{where}: tensors missing from the weights: {names}")
     return mapped
 
@@ -189,8 +214,10 @@ def load_hf(
             f"{HF_PREFIX}{folder}: no tokenizer.json (minillm reads fast tokenizers only); write "
             "one with transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
         )
-    model = build_model(model_config(auto_config(folder)))
-    state = minillm_state_dict(read_hf_weights(folder), model, f"{HF_PREFIX}{folder}")
+    hf = auto_config(folder)
+    model = build_model(model_config(hf))
+    where = f"{HF_PREFIX}{folder}"
+    state = minillm_state_dict(read_hf_weights(folder), model, where, hf.model_type)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -205,3 +232,60 @@ def load_hf(
             f"model only {model.cfg.vocab_size} embedding rows"
         )
     return model.to(map_location).eval(), tokenizer
+
+
+# ---------------------------------------------------------------- GPT-2
+Renamer = Callable[[dict[str, Tensor]], tuple[dict[str, Tensor], list[str]]]
+# GPT-2 options minillm's block cannot express: (config key, the value it must have, why)
+_GPT2_FIXED = (
+    ("scale_attn_weights", True, "minillm scales scores by 1/sqrt(head_dim)"),
+    ("scale_attn_by_inverse_layer_idx", False, "minillm scales every layer alike"),
+    ("add_cross_attention", False, "a decoder has no cross-attention"),
+)
+# activation_function -> GeluMLP's approximate
+_GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+def _gpt2_lacks(hf: Any) -> list[str]:
+    missing = [
+        f"{key}={getattr(hf, key, need)!r} ({why})"
+        for key, need, why in _GPT2_FIXED
+        if getattr(hf, key, need) != need
+    ]
+    if hf.activation_function not in _GELUS:
+        missing.append(
+            f"activation_function={hf.activation_function!r} (minillm's gelu MLP takes "
+            f"{', '.join(_GELUS)})"
+        )
+    return missing
+
+
+def _gpt2_config(hf: Any) -> dict[str, Any]:
+    """GPT-2 as block options: LayerNorm, a biased GELU MLP of width n_inner (default 4 *
+    n_embd), biased q/k/v/o, a learned table of n_positions rows, tied embeddings (unless the
+    config unties them). Dropout (resid/embd/attn_pdrop) is a fine-tuning choice:
+    ``model.dropout`` (0 here)."""
+    mlp = {"kind": "gelu", "bias": True, "approximate": _GELUS[hf.activation_function]}
+    return {
+        "arch": "decoder",
+        "vocab_size": hf.vocab_size,
+        "dim": hf.n_embd,
+        "n_layers": hf.n_layer,
+        "n_heads": hf.n_head,
+        "max_len": hf.n_positions,
+        "mlp_hidden": hf.n_inner or 4 * hf.n_embd,
+        "mlp": mlp,
+        "norm": "layernorm",
+        "norm_eps": hf.layer_norm_epsilon,
+        "tie_embeddings": bool(getattr(hf, "tie_word_embeddings", True)),
+        "init_std": getattr(hf, "initializer_range", 0.02),
+        "attn": {"kind": "mha", "bias": True},
+        "positions": "learned",
+    }
+
+
+# model_type -> (its minillm config, what minillm lacks for it, its tensors under minillm names)
+READERS: dict[str, tuple[Callable[[Any], dict[str, Any]], Callable[[Any], list[str]], Renamer]] = {
+    **{t: (_llama_config, _llama_lacks, _llama_tensors) for t in IMPORTABLE},
+    "gpt2": (_gpt2_config, _gpt2_lacks, gpt2_to_minillm),
+}

@@ -1,4 +1,4 @@
-"""The one block class both models are built from (pre-norm, RMSNorm, SwiGLU).
+"""The one block class both models are built from (pre-norm; RMSNorm, SwiGLU by default).
 
 Decoder-only: causal self-attention. Encoder: bidirectional self-attention. Encoder-decoder's
 decoder: causal self-attention plus cross-attention over the encoder memory.
@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from minillm.attention import Cache, build_attention
 from minillm.attention.cache import static_address
-from minillm.models.config import ModelConfig
-from minillm.models.mlp import build_mlp
+from minillm.models.config import NORMS, ModelConfig
+from minillm.models.mlp import build_mlp, init_mlp_weights
 from minillm.positions import Positions, build_positions
 
 
@@ -24,13 +24,13 @@ class Block(nn.Module):
         self, cfg: ModelConfig, attn: Any, role: str, cross_attn: Any | None = None
     ) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = build_norm(cfg)
         self.attn = build_attention(attn, cfg.dim, cfg.n_heads, role)
         self.cross_norm = self.cross_attn = None
         if cross_attn is not None:
-            self.cross_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+            self.cross_norm = build_norm(cfg)
             self.cross_attn = build_attention(cross_attn, cfg.dim, cfg.n_heads, "cross")
-        self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp_norm = build_norm(cfg)
         self.mlp = build_mlp(cfg.mlp, cfg.dim, cfg.hidden)
         self.dropout = dropout(cfg.dropout)
 
@@ -43,11 +43,21 @@ class Block(nn.Module):
         cache: tuple[Any, Any] | None = None,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
+        past: Tensor | None = None,
     ) -> Tensor:
-        """x (B, T, dim) -> (B, T, dim). ``cache`` is (self cache, cross cache or None)."""
+        """x (B, T, dim) -> (B, T, dim). ``cache`` is (self cache, cross cache or None).
+
+        ``past`` (B, M, dim): Transformer-XL memory, the hidden states that entered this block
+        before ``x`` (detached by the caller). It sits left of ``x`` like left padding: then
+        ``mask`` (B, M + T) and ``positions`` (B, M + T) cover the concatenation (False for
+        slots holding no memory). The memory's own query rows are computed and dropped (every
+        causal kind works unchanged; the attention costs (M + T) / T of a plain one).
+        """
         self_cache, cross_cache = cache if cache is not None else (None, None)
-        h = self.attn(self.attn_norm(x), positions=positions, cache=self_cache, mask=mask)
-        x = x + self.dropout(h)
+        t = x.shape[1]
+        full = x if past is None else torch.cat((past, x), dim=1)  # (B, M + T, dim)
+        h = self.attn(self.attn_norm(full), positions=positions, cache=self_cache, mask=mask)
+        x = x + self.dropout(h[:, -t:])  # (B, T, dim)
         if self.cross_attn is not None:
             h = self.cross_attn(
                 self.cross_norm(x),
@@ -77,6 +87,12 @@ class Block(nn.Module):
         return self_cache, cross_cache
 
 
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """A ``model.norm`` over ``dim`` features (RMSNorm, or LayerNorm with a bias): every norm of
+    every model, inside the blocks and after them."""
+    return NORMS[cfg.norm](cfg.dim, eps=cfg.norm_eps)
+
+
 def dropout(p: float) -> nn.Module:
     """``nn.Dropout(p)``, or ``nn.Identity`` when p = 0: a decode step calls it 2-3 times a
     block, and even an inactive Dropout costs a dispatch each time."""
@@ -90,9 +106,7 @@ def init_block_weights(blocks: nn.ModuleList, std: float, n_layers: int) -> None
         for attn in (block.attn, block.cross_attn):
             if attn is not None:
                 attn.init_weights(std, out_std)
-        nn.init.normal_(block.mlp.gate_proj.weight, 0.0, std)
-        nn.init.normal_(block.mlp.up_proj.weight, 0.0, std)
-        nn.init.normal_(block.mlp.down_proj.weight, 0.0, out_std)
+        init_mlp_weights(block.mlp, std, out_std)
 
 
 def stack_positions(cfg: ModelConfig, blocks: nn.ModuleList, causal: bool) -> Positions | None:

@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+from torch import nn
 
 from minillm import checks
 from minillm.attention import ATTENTION, build_attention
 from minillm.models.mlp import build_mlp
-from minillm.positions import RotaryPositions, build_positions
+from minillm.positions import RotaryPositions, build_positions, positions_kind
 
 # an end-of-sequence token and one other: the fewest any tokenizer has (minillm's own have 4
 # special tokens, GPT-2's one, wherever they sit; minillm.data.tokenizer.SpecialTokens)
@@ -21,6 +22,9 @@ ARCHS = ("decoder", "encoder_decoder", "vit")
 # the role of ``attn`` (the self-attention of the main stack) in each architecture
 SELF_ROLE = {"decoder": "causal", "encoder_decoder": "causal", "vit": "bidirectional"}
 POOLS = ("mean", "cls")
+# every norm of a model (each block's, the final one): ``model.norm`` (build_norm in block.py);
+# LayerNorm has a bias (GPT-2), RMSNorm none (Llama)
+NORMS: dict[str, type[nn.Module]] = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
 
 
 @dataclass
@@ -35,6 +39,7 @@ class ModelConfig:
     mlp_hidden: int | None = None  # None: SwiGLU width 8/3 * dim rounded up to a multiple of 64
     # feed-forward: a registry key (minillm/models/mlp.py MLPS) or {"kind": ..., **knobs}
     mlp: Any = "swiglu"
+    norm: str = "rmsnorm"  # a NORMS key: rmsnorm (Llama) or layernorm (GPT-2)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -49,6 +54,10 @@ class ModelConfig:
     # stack its own module; cross-attention has none). None: each attention kind's default
     # (RoPE where it takes rotations, else none)
     positions: Any = None
+    # Transformer-XL segment recurrence (decoder only): each block also attends over the last
+    # memory_len hidden states that entered it in the previous segments (no gradient through
+    # them); training reads the data as streams of consecutive segments. 0: off
+    memory_len: int = 0
     # encoder-decoder only: a registry key or {"kind": ..., **knobs}
     n_encoder_layers: int | None = None  # None: same as n_layers
     encoder_attn: Any = "mha"
@@ -79,6 +88,7 @@ class ModelConfig:
         checks.integer("model.mlp_hidden", self.mlp_hidden, optional=True)
         checks.integer("model.n_encoder_layers", self.n_encoder_layers, 0, optional=True)
         checks.number("model.dropout", self.dropout, 0, 1, high_open=True)
+        checks.choice("model.norm", self.norm, tuple(NORMS))
         checks.number("model.norm_eps", self.norm_eps, 0, low_open=True)
         checks.number("model.init_std", self.init_std, 0, low_open=True)
         if self.dim % self.n_heads:
@@ -88,6 +98,7 @@ class ModelConfig:
             )
         self._check_attention()
         self._check_mlp()
+        self._check_memory()
 
     def _check_attention(self) -> None:
         """Build each attention config on the meta device: its own checks run, no memory."""
@@ -156,6 +167,24 @@ class ModelConfig:
                 f"model.patch_size={self.patch_size}: must divide model.image_size="
                 f"{self.image_size} (e.g. model.patch_size="
                 f"{max(d for d in range(1, self.patch_size) if self.image_size % d == 0)})"
+            )
+
+    def _check_memory(self) -> None:
+        """XL memory needs a decoder and positions that are relative (or none): memory tokens
+        take the positions just before the segment's, which an absolute table would not
+        carry from one segment to the next."""
+        checks.integer("model.memory_len", self.memory_len, 0)
+        if not self.memory_len:
+            return
+        if self.arch != "decoder":
+            raise ValueError(
+                f"model.memory_len={self.memory_len} needs model.arch=decoder (got "
+                f"{self.arch!r}); set model.memory_len=0"
+            )
+        if self.positions is not None and positions_kind(self.positions) == "learned":
+            raise ValueError(
+                f"model.memory_len={self.memory_len} cannot use model.positions=learned (absolute "
+                "positions restart each segment); use rope, alibi, t5 or none"
             )
 
     def _check_mlp(self) -> None:

@@ -1,12 +1,17 @@
-"""Decoder-only language model: embeddings -> causal blocks -> RMSNorm -> tied LM head.
+"""Decoder-only language model: embeddings -> causal blocks -> norm -> tied LM head.
 
 Generation goes through two calls (``minillm.generation`` runs every search over them):
 ``start`` prefills a left-padded prompt batch and returns the last position's logits and a
 ``DecodeState``; ``step`` feeds new tokens and returns their logits.
+
+Transformer-XL segment recurrence (``model.memory_len``) is a training and evaluation path of
+its own, ``hidden_states_with_memory``; generation keeps using the caches (a KV cache already
+holds every earlier token).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +21,7 @@ from minillm.attention import Cache
 from minillm.models.block import (
     Block,
     DecodeState,
+    build_norm,
     decode_capacity,
     dropout,
     embed_positions,
@@ -26,6 +32,23 @@ from minillm.models.block import (
 from minillm.models.config import ModelConfig
 
 
+@dataclass
+class SegmentMemory:
+    """Transformer-XL memory of B streams: for each block the last M hidden states that entered
+    it in earlier segments (B, M, dim), detached, and which of the M slots hold a token."""
+
+    states: list[Tensor]  # one (B, M, dim) per block
+    mask: Tensor  # (B, M) bool; False: no token yet (a stream's start), right-aligned
+
+    def clear(self, rows: Tensor) -> SegmentMemory:
+        """The memory with the rows where ``rows`` (B,) is True emptied (their streams start
+        anew); a mask op, no host sync."""
+        return SegmentMemory(self.states, self.mask & ~rows[:, None])
+
+    def to(self, device: torch.device | str) -> SegmentMemory:
+        return SegmentMemory([s.to(device) for s in self.states], self.mask.to(device))
+
+
 class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -34,7 +57,7 @@ class DecoderLM(nn.Module):
         self.dropout = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, attn, "causal") for attn in cfg.layer_attns())
         self.pos_encoding = stack_positions(cfg, self.blocks, causal=True)  # None: kinds' own
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = build_norm(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, 0.0, cfg.init_std)
         init_block_weights(self.blocks, cfg.init_std, cfg.n_layers)
@@ -80,6 +103,37 @@ class DecoderLM(nn.Module):
             cache = caches[i] if caches is not None else None
             x = block(x, positions=positions, mask=mask, cache=cache)
         return self.norm(x)  # (B, T, dim)
+
+    def init_memory(self, batch_size: int) -> SegmentMemory:
+        """An empty XL memory (every slot False) of ``model.memory_len`` slots."""
+        p, m = self.tok_emb.weight, self.cfg.memory_len
+        states = [p.new_zeros(batch_size, m, self.cfg.dim) for _ in self.blocks]
+        return SegmentMemory(states, torch.zeros(batch_size, m, dtype=torch.bool, device=p.device))
+
+    def hidden_states_with_memory(
+        self, input_ids: Tensor, memory: SegmentMemory | None = None
+    ) -> tuple[Tensor, SegmentMemory]:
+        """Transformer-XL: the next segment (B, T) of B streams -> (hidden (B, T, dim), memory
+        for the segment after it). ``memory`` None: every stream starts here.
+
+        Block i attends over its memory (the M hidden states that entered it before, left of
+        the segment like left padding, at the positions just before the segment's) and the
+        segment causally; no gradient flows into the memory. Needs ``model.memory_len`` > 0.
+        """
+        if not self.cfg.memory_len:
+            raise ValueError("hidden_states_with_memory needs model.memory_len > 0")
+        b, t = input_ids.shape
+        memory = self.init_memory(b) if memory is None else memory
+        m = memory.mask.shape[1]
+        mask = torch.cat((memory.mask, memory.mask.new_ones(b, t)), dim=1)  # (B, M + T)
+        positions = positions_from_mask(mask, b, m + t, input_ids.device)  # (B, M + T)
+        x = embed_positions(self.tok_emb(input_ids), self.pos_encoding, positions[:, m:])
+        x = self.dropout(x)  # (B, T, dim)
+        states = []
+        for past, block in zip(memory.states, self.blocks, strict=True):
+            states.append(torch.cat((past, x.detach()), dim=1)[:, -m:])  # (B, M, dim)
+            x = block(x, positions=positions, mask=mask, past=past)
+        return self.norm(x), SegmentMemory(states, mask[:, -m:])
 
     def init_caches(
         self,

@@ -22,6 +22,7 @@ from minillm.attention import Cache
 from minillm.models.block import (
     Block,
     DecodeState,
+    build_norm,
     decode_capacity,
     dropout,
     embed_positions,
@@ -45,12 +46,12 @@ class EncoderDecoderLM(nn.Module):
         )
         # each stack its own positions (T5: its own table; the encoder's bidirectional)
         self.encoder_pos_encoding = stack_positions(cfg, self.encoder, causal=False)
-        self.encoder_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.encoder_norm = build_norm(cfg)
         self.decoder = nn.ModuleList(
             Block(cfg, attn, "causal", cross_attn=cfg.cross_attn) for attn in cfg.layer_attns()
         )
         self.pos_encoding = stack_positions(cfg, self.decoder, causal=True)
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = build_norm(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         for emb in (self.tok_emb, self.src_emb):
             if emb is not None:

@@ -1,9 +1,11 @@
 """Feed-forward registry: ``MLPS`` by name, ``build_mlp`` the one place a kind is chosen.
 
-Every kind is built as ``cls(config, dim, hidden)`` from its nested ``Config`` and names its
-weights ``gate_proj``/``up_proj``/``down_proj`` (``init_block_weights`` initialises them).
-``hidden`` is the dense SwiGLU width (``ModelConfig.hidden``); a kind may derive its own
-widths from it (``moe``: expert width = hidden / active experts, equal active parameters).
+Every kind is built as ``cls(config, dim, hidden)`` from its nested ``Config``; its weights
+start as ``init_mlp_weights`` says (input projections N(0, std), the output projection
+``down_proj`` N(0, out_std), biases zero). ``hidden`` is the model's feed-forward width
+(``ModelConfig.hidden``: ``model.mlp_hidden``, else the SwiGLU width 8/3 * dim); a kind may
+derive its own widths from it (``moe``: expert width = hidden / active experts, equal active
+parameters). ``gelu`` uses it as is: GPT-2's 4 * dim is ``model.mlp_hidden=<4 * dim>``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minillm import checks
 from minillm.models.moe import MoEMLP
 
 
@@ -35,11 +38,63 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def init_weights(self, std: float, out_std: float) -> None:
+        init_gated(self, std, out_std)
+
+
+class GeluMLP(nn.Module):
+    """down(gelu(up(x))): GPT-2's and BERT's feed-forward (HF GPT-2: c_fc = up_proj, c_proj =
+    down_proj), two matrices of width ``hidden`` where SwiGLU has three."""
+
+    @dataclass
+    class Config:
+        bias: bool = True  # on both projections, as GPT-2
+        # "tanh": GPT-2's approximation (HF gelu_new / gelu_pytorch_tanh); "none": exact erf
+        approximate: str = "tanh"
+
+        def __post_init__(self) -> None:
+            checks.choice("model.mlp.bias", self.bias, (False, True))
+            checks.choice("model.mlp.approximate", self.approximate, ("tanh", "none"))
+
+    def __init__(self, config: Config, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.approximate = config.approximate
+        self.up_proj = nn.Linear(dim, hidden, bias=config.bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.up_proj.weight, 0.0, std)
+        nn.init.normal_(self.down_proj.weight, 0.0, out_std)
+        for proj in (self.up_proj, self.down_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
 
 MLPS: dict[str, type[nn.Module]] = {
     "swiglu": SwiGLU,
     "moe": MoEMLP,
+    "gelu": GeluMLP,
 }
+
+
+def init_gated(mlp: nn.Module, std: float, out_std: float) -> None:
+    """SwiGLU's weights, and moe's stacked experts (same names): gate and up N(0, std), down
+    N(0, out_std); moe's router keeps its own init."""
+    nn.init.normal_(mlp.gate_proj.weight, 0.0, std)
+    nn.init.normal_(mlp.up_proj.weight, 0.0, std)
+    nn.init.normal_(mlp.down_proj.weight, 0.0, out_std)
+
+
+def init_mlp_weights(mlp: nn.Module, std: float, out_std: float) -> None:
+    """A feed-forward's initial weights: its kind's ``init_weights(std, out_std)``; ``moe``
+    (minillm/models/moe.py, no such method yet) is initialised as SwiGLU's experts are."""
+    if isinstance(mlp, MoEMLP):
+        init_gated(mlp, std, out_std)
+    else:
+        mlp.init_weights(std, out_std)
 
 
 def mlp_config(cfg: Mapping[str, Any] | str) -> tuple[type[nn.Module], Any]:

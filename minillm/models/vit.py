@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from minillm.models.block import Block, dropout, init_block_weights
+from minillm.models.block import Block, build_norm, dropout, init_block_weights
 from minillm.models.config import ModelConfig
 
 
@@ -40,7 +40,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         self.dropout = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, attn, "bidirectional") for attn in cfg.layer_attns())
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = build_norm(cfg)
         self.lm_head = nn.Linear(cfg.dim, n_classes, bias=False)  # the classifier
         for table in (self.row_emb, self.col_emb, self.cls_token, self.lm_head.weight):
             if table is not None:

@@ -32,10 +32,11 @@ from torch import Tensor, nn
 
 from minillm.attention import attention_config
 from minillm.checkpoint import CheckpointError, load_pretrained
-from minillm.data.tokenizer import SpecialTokens
 from minillm.hf import hf_folder, is_hf, load_hf
 from minillm.models import ModelConfig
 from minillm.models.mlp import mlp_config
+from minillm.positions import positions_config
+from minillm.special_tokens import SpecialTokens
 
 # Keys (in the model or any attention config) that may differ between the checkpoint and
 # a fine-tuning run: they change how training behaves, not which weights exist or what
@@ -191,7 +192,8 @@ def take_architecture(
     field to another value than the checkpoint's."""
     theirs = init.model_cfg
     ours = ModelConfig.from_dict({**run_model, "vocab_size": theirs.vocab_size})
-    diff = differences(theirs, ours, TRAINING_ONLY)
+    free = training_only(theirs)
+    diff = differences(theirs, ours, free)
     explicit = [d for d in diff if is_explicit(d[0], overrides)]
     if explicit:
         raise ValueError(
@@ -201,11 +203,19 @@ def take_architecture(
             "this run's config and load only the tensors whose names and shapes match"
         )
     model = theirs.to_dict()
-    for key in TRAINING_ONLY:
+    for key in free:
         if key in run_model and is_explicit(key, overrides):
             model[key] = run_model[key]
     model["attn"] = _attn_knobs(theirs.attn, run_model.get("attn"), overrides)
     return model, diff
+
+
+def training_only(cfg: ModelConfig) -> tuple[str, ...]:
+    """``TRAINING_ONLY`` for this checkpoint: ``max_len`` is architecture when the positions
+    are a learned table of ``max_len`` rows (GPT-2's), a free choice otherwise."""
+    if cfg.positions is not None and positions_config(cfg.positions)[0].mechanism == "absolute":
+        return tuple(k for k in TRAINING_ONLY if k != "max_len")
+    return TRAINING_ONLY
 
 
 def _attn_knobs(theirs: Any, ours: Any, overrides: list[str]) -> dict[str, Any]:

@@ -8,6 +8,13 @@ so dropout draws the same masks whether or not the run was interrupted, whatever
 
 The loss is ``linear_cross_entropy`` over the model's pre-head states: the (B, T, vocab) logits
 are never held whole (with a 50k vocabulary they are most of a step's memory).
+
+Transformer-XL (``model.memory_len`` > 0): batches are consecutive segments of parallel streams
+with a per-row ``segment`` index (``SegmentBatchSampler``); the module keeps the streams'
+memory between steps (a plain attribute, cleared per row where ``segment`` is 0) and saves it
+in the checkpoint, so a resumed run continues it exactly. Validation keeps a memory of its
+own. Under DDP each rank keeps its rows' memory, and only rank 0's is saved: resume is exact
+on one process only.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from minillm.models import ModelConfig, build_model
+from minillm.models.decoder import SegmentMemory
 from minillm.models.linear_cross_entropy import linear_cross_entropy
 from minillm.models.moe import MoEMLP
 from minillm.training.optim import OptimConfig, build_optimizer, warmup_cosine
@@ -41,9 +49,10 @@ class LMModule(L.LightningModule):
     update (``"skip"``: no parameter changes, the step and data position still advance).
     Weights that are not finite are never written to a checkpoint.
 
-    ``compile=True`` compiles ``model.hidden_states``, the part of the model that training
-    runs (the LM head is inside the fused loss); the compiled function is a plain attribute,
-    so state-dict keys stay clean. The fused loss stays eager: it is two matmuls a chunk.
+    ``compile=True`` compiles ``model.hidden_states`` (``hidden_states_with_memory`` with XL
+    memory), the part of the model that training runs (the LM head is inside the fused
+    loss); the compiled function is a plain attribute, so state-dict keys stay clean. The
+    fused loss stays eager: it is two matmuls a chunk.
     """
 
     def __init__(
@@ -70,20 +79,29 @@ class LMModule(L.LightningModule):
         self._val_sums: list[Tensor] = []
         self._moe = [m for m in self.model.modules() if isinstance(m, MoEMLP)]
         self._hidden_states = self.model.hidden_states
+        if self.model_cfg.memory_len:
+            self._hidden_states = self.model.hidden_states_with_memory
+        self._memory: dict[str, SegmentMemory | None] = {"train": None, "val": None}
         if compile:
-            self._hidden_states = torch.compile(self.model.hidden_states)
+            self._hidden_states = torch.compile(self._hidden_states)
 
     def forward(self, **inputs: Tensor) -> Tensor:
         return self.model(**inputs)
 
-    def _loss_sum(self, batch: dict[str, Tensor], smoothing: float) -> tuple[Tensor, Tensor]:
+    def _loss_sum(
+        self, batch: dict[str, Tensor], smoothing: float, stream: str = "train"
+    ) -> tuple[Tensor, Tensor]:
         """Summed token loss and the number of scored tokens.
 
         Equals ``F.cross_entropy(self.model(**inputs).float(), labels, ignore_index=-100,
-        reduction="sum", label_smoothing=smoothing)`` (the tests hold them together).
+        reduction="sum", label_smoothing=smoothing)`` (the tests hold them together). With XL
+        memory, ``stream`` ("train" or "val") names the memory the batch continues.
         """
         labels = batch["labels"]
-        hidden = self._hidden_states(**{k: v for k, v in batch.items() if k != "labels"})
+        if self.model_cfg.memory_len:
+            hidden = self._hidden_with_memory(batch, stream)
+        else:
+            hidden = self._hidden_states(**{k: v for k, v in batch.items() if k != "labels"})
         loss = linear_cross_entropy(
             hidden.flatten(0, 1),  # (B * T, dim)
             self.model.lm_head.weight,
@@ -92,6 +110,17 @@ class LMModule(L.LightningModule):
             label_smoothing=smoothing,
         )
         return loss, (labels != -100).sum()
+
+    def _hidden_with_memory(self, batch: dict[str, Tensor], stream: str) -> Tensor:
+        """Hidden states of the next segments of ``stream``'s streams; keeps the new memory.
+        Rows at ``segment`` 0 start a stream: their memory is cleared (no host sync)."""
+        ids, segment = batch["input_ids"], batch["segment"]
+        memory = self._memory[stream]
+        if memory is None or memory.mask.shape[0] != ids.shape[0]:
+            memory = self.model.init_memory(ids.shape[0])
+        memory = memory.to(ids.device).clear(segment == 0)
+        hidden, self._memory[stream] = self._hidden_states(ids, memory)
+        return hidden
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         micro = batch_idx % self.trainer.accumulate_grad_batches
@@ -203,7 +232,7 @@ class LMModule(L.LightningModule):
         return f"Last good checkpoint: {path}." if path else "No checkpoint was saved yet."
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss_sum, n = self._loss_sum(batch, 0.0)
+        loss_sum, n = self._loss_sum(batch, 0.0, "val")
         self._val_sums.append(torch.stack([loss_sum.detach(), n.to(loss_sum.dtype)]))
 
     def on_validation_epoch_end(self) -> None:
@@ -233,9 +262,15 @@ class LMModule(L.LightningModule):
                 f"{' ...' if len(bad) > 4 else ''} are not finite. {self._last_good_checkpoint()}"
             )
         checkpoint["tokenizer"] = self.tokenizer_json
+        memory = self._memory["train"]
+        if memory is not None:  # XL: the training streams' memory, for an exact resume
+            checkpoint["xl_memory"] = {"states": memory.states, "mask": memory.mask}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
+        if "xl_memory" in checkpoint and self.model_cfg.memory_len:
+            saved = checkpoint["xl_memory"]
+            self._memory["train"] = SegmentMemory(list(saved["states"]), saved["mask"])
 
 
 def step_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:

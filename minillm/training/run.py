@@ -124,7 +124,8 @@ def train(
     if ckpt_path:
         tokenizer = _resume_tokenizer(ckpt_path, model_cfg, optim_cfg)
 
-    data = _data_module(cfg, run, trainer_cfg, model_cfg["max_len"], tokenizer)
+    memory_len = model_cfg.get("memory_len", 0)
+    data = _data_module(cfg, run, trainer_cfg, model_cfg["max_len"], tokenizer, memory_len)
     data.setup("fit")
     module = _module(cfg, run, model_cfg, optim_cfg, trainer_cfg, data)
     if init is not None:
@@ -207,10 +208,20 @@ def _data_module(
     trainer_cfg: TrainerConfig,
     max_len: int,
     tokenizer: Tokenizer | None,
+    memory_len: Any = 0,
 ) -> L.LightningDataModule:
+    """``memory_len`` > 0 (XL memory): the lm task reads its blocks as streams of segments."""
     task = cfg["data"].get("task", "lm")
     if task not in DATA_MODULES:
         raise ValueError(f"unknown data.task {task!r}; choose one of {sorted(DATA_MODULES)}")
+    segments = {}
+    if isinstance(memory_len, int) and memory_len > 0:  # else ModelConfig names the problem
+        if task != "lm":
+            raise ValueError(
+                f"model.memory_len={memory_len} reads the data as streams of consecutive "
+                f"segments: it needs data.task=lm (got {task!r}); set model.memory_len=0"
+            )
+        segments = {"segments": True}
     return DATA_MODULES[task](
         cfg["data"],
         max_len=max_len,
@@ -221,6 +232,7 @@ def _data_module(
         tokenizer=tokenizer,
         total_steps=trainer_cfg.max_steps,
         accumulate=trainer_cfg.accumulate_grad_batches,
+        **segments,
     )
 
 
