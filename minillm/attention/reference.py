@@ -430,12 +430,9 @@ def sparse_reference(
     key or query, or a key in one of the query block's random blocks. Padding queries see
     only themselves."""
     b, t, _ = x.shape
-    q = rope_reference(
-        _split_heads(_project(attn.q_proj, x), attn.n_heads), positions, attn.cfg.rope_base
-    )
-    k = rope_reference(
-        _split_heads(_project(attn.k_proj, x), attn.n_kv_heads), positions, attn.cfg.rope_base
-    )
+    pos = attn.pos_encoding
+    q = rotary_reference(pos, _split_heads(_project(attn.q_proj, x), attn.n_heads), positions)
+    k = rotary_reference(pos, _split_heads(_project(attn.k_proj, x), attn.n_kv_heads), positions)
     v = _split_heads(_project(attn.v_proj, x), attn.n_kv_heads)
     group = attn.n_heads // attn.n_kv_heads
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -11,7 +11,7 @@ and a global query sees every key; with ``random_blocks`` = r > 0, each block of
 (the ``random_seed`` buffer, saved with the weights) and the block numbers, among the row's
 blocks: reproducible, and the same for a row whatever its padding. Random blocks need the
 whole past, which no bounded cache holds, so they are bidirectional only. A padding query sees
-only itself. Keys are rotated (RoPE) as in ``local``.
+only itself. Keys are rotated as ``model.positions`` says (RoPE by default), as in ``local``.
 
 Computed by query blocks: each block reads its band plus the global keys (and its random
 blocks) in one batched SDPA call under a (block, band + extras) mask; global queries read all
@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from minillm.attention.base import Attention
 from minillm.attention.bounded_cache import SparseKVCache
-from minillm.attention.rope import apply_rope, rope_angles
 
 
 def random_key_blocks(seed: Tensor, row_blocks: Tensor, n: int, r: int) -> Tensor:
@@ -106,6 +105,9 @@ def sparse_attention(
 
 class SparseAttention(Attention):
     roles = ("causal", "bidirectional")
+    # rotations (RoPE, the default), or positions outside attention; a score bias would have
+    # to follow the pattern's gathered keys, which is not wired (alibi, t5: the build error)
+    positions_accepted = ("rotary", "absolute", "none")
 
     @dataclass
     class Config:
@@ -114,7 +116,6 @@ class SparseAttention(Attention):
         random_blocks: int = 0  # BigBird random key blocks per query block (bidirectional)
         block_size: int = 64  # query block of the computation and size of a random block
         n_kv_heads: int | None = None  # None: one KV head per query head
-        rope_base: float = 10000.0
         dropout: float = 0.0
         bias: bool = False
 
@@ -190,9 +191,7 @@ class SparseAttention(Attention):
         q = self._heads(self.q_proj, x, self.n_heads)  # (B, T, H, D)
         k = self._heads(self.k_proj, x, self.n_kv_heads)  # (B, T, H_kv, D)
         v = self._heads(self.v_proj, x, self.n_kv_heads)
-        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_base)
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.pos_encoding.rotate(q, k, positions, seq_dim=1)  # RoPE unless told
         dropout = self.cfg.dropout if self.training else 0.0
         if cache is None:
             y = self._parallel(q, k, v, mask, dropout)
@@ -300,8 +299,7 @@ class SparseAttention(Attention):
         with V's KV heads repeated, ``weights @ v`` is the output before ``o_proj``."""
         q = self._heads(self.q_proj, x, self.n_heads).transpose(1, 2)  # (B, H, T, D)
         k = self._heads(self.k_proj, x, self.n_kv_heads).transpose(1, 2)  # (B, H_kv, T, D)
-        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_base)  # (B, 1, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.pos_encoding.rotate(q, k, positions)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, D)
         scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # (B, H, T, T)
         return scores.masked_fill(~self.pattern(x.shape[1]), float("-inf")).softmax(-1)

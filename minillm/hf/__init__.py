@@ -16,7 +16,7 @@ table per model_type):
   ``o_proj`` bias (a missing bias is a zero one), which exports back as Llama's
   ``attention_bias=true``.
 
-RoPE needs no permutation of q/k rows: ``minillm.attention.rope`` rotates pairs (i, i + D/2)
+RoPE needs no permutation of q/k rows: ``minillm.positions.rope`` rotates pairs (i, i + D/2)
 with inv_freq = base^(-2i/D), HF Llama's ``rotate_half`` convention (HF permutes Meta's
 interleaved checkpoints when converting them).
 

@@ -55,7 +55,7 @@ MODEL_FIELDS = {
     *("norm_eps", "tie_embeddings", "init_std", "attn"),
     *("n_encoder_layers", "encoder_attn", "cross_attn", "share_embeddings"),
 }
-ATTN_FIELDS = {"n_kv_heads", "rope_base", "dropout", "bias"}
+ATTN_FIELDS = {"n_kv_heads", "dropout", "bias"}
 
 
 def _rename(
