@@ -41,6 +41,7 @@ from minillm.positions import (
     positions_config,
     positions_kind,
 )
+from minillm.special_tokens import SpecialTokens
 
 GPT2_TOKEN = "<|endoftext|>"  # GPT-2's only special token: its bos, eos and unk
 
@@ -158,11 +159,16 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
     """{"bos_token": "<bos>", ...}: each role whose minillm token the tokenizer has; GPT-2's
-    ``<|endoftext|>`` is its bos, eos and unk."""
+    ``<|endoftext|>`` is its bos, eos and unk; any other tokenizer's roles are found by name
+    (``SpecialTokens``: Llama's ``<s>``, ``</s>``, ``<unk>`` ...; no pad unless it has one)."""
     roles = {k: v for k, v in SPECIAL_ROLES.items() if tokenizer.token_to_id(v) is not None}
     if tokenizer.token_to_id(GPT2_TOKEN) is not None:
         for role in ("bos_token", "eos_token", "unk_token"):
             roles.setdefault(role, GPT2_TOKEN)
+    if "eos_token" not in roles:  # a stock tokenizer (Llama's <s> </s> ...): found by name
+        ids = SpecialTokens.from_tokenizer(tokenizer, "format=hf: the model's tokenizer")
+        found = {"bos_token": ids.bos, "eos_token": ids.eos, "unk_token": ids.unk}
+        roles |= {r: tokenizer.id_to_token(i) for r, i in found.items() if i is not None}
     return roles
 
 
