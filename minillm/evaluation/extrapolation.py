@@ -20,11 +20,12 @@ from minillm.evaluation.charts import _pyplot
 
 
 def model_label(cfg: Any) -> str:
-    """``<positions> / <attention>`` of a model config, e.g. ``alibi / mha``: the line name.
-    A model with no positions choice (``positions`` None) uses each kind's own default."""
+    """``<positions> / <attention>`` of a model config, e.g. ``alibi / mha``, plus its XL
+    memory if any: the line name. ``positions`` None: each kind's own default."""
     positions = getattr(cfg, "positions", None)
     name = positions if isinstance(positions, str) or positions is None else positions["kind"]
-    return f"{name or 'default'} / {cfg.attn_label}"
+    memory = getattr(cfg, "memory_len", 0)
+    return f"{name or 'default'} / {cfg.attn_label}" + (f" + XL memory {memory}" if memory else "")
 
 
 def score_contexts(
@@ -66,7 +67,7 @@ def extrapolation_table(rows: list[dict[str, Any]]) -> str:
 def plot_extrapolation(rows: list[dict[str, Any]], path: Path) -> None:
     """Perplexity (log scale) against evaluation context (log 2), one line per label."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for label in dict.fromkeys(r["label"] for r in rows):
         points = [(r["context"], r["ppl"]) for r in rows if r["label"] == label and r["ppl"]]
         points = [(c, p) for c, p in sorted(points) if math.isfinite(p)]
@@ -77,10 +78,12 @@ def plot_extrapolation(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axvline(t, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.ScalarFormatter())
     ax.set(xlabel="evaluation context (tokens; dotted: training length)", ylabel="perplexity")
     ax.set_title("Length extrapolation")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside, not over
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
