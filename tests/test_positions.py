@@ -61,13 +61,23 @@ def accepts(kind: str, pos: str) -> bool:
     return cls.mechanism in ATTENTION[kind][0].positions_accepted
 
 
+def changes_attention(kind: str, pos: str) -> bool:
+    """Whether ``pos`` changes what ``kind`` computes: a rotation or a bias, or ``none`` for a
+    kind that rotates by default. ``learned`` acts at the model's input and ``none`` leaves
+    the other kinds as tests/test_attention.py already checks them; the model-level tests
+    below cover ``learned``."""
+    mechanism = POSITIONS[positions_kind(POSITION_CFGS[pos])].mechanism
+    rotates = "rotary" in ATTENTION[kind][0].positions_accepted
+    return mechanism in ("rotary", "bias") or (mechanism == "none" and rotates)
+
+
 SELF = [
     (k, r, p)
     for k, (cls, _) in ATTENTION.items()
     for r in cls.roles
     if r != "cross"  # cross-attention keeps no positions
     for p in POSITION_CFGS
-    if accepts(k, p)
+    if accepts(k, p) and changes_attention(k, p)
 ]
 DECODING = [(k, r, p) for k, r, p in SELF if r == "causal"]
 
