@@ -84,3 +84,15 @@ def test_train_py_trains_a_hybrid_and_the_checkpoint_keeps_its_layers(
     gated, mha = ATTENTION["gated_linear"][0], ATTENTION["mha"][0]
     assert kinds(model) == [gated, mha] * (model.cfg.n_layers // 2)
     assert json.loads((tmp_path / "metrics.json").read_text())["kind"] == "gated_linear+mha"
+
+
+def test_match_params_sizes_a_hybrid_like_mha() -> None:
+    from minillm.models.sizing import match_params
+
+    cfg = {**TINY, "n_layers": 4, "layers": ["gated_linear", "gated_linear", "gated_linear", "mha"]}
+    matched = build_model(match_params(cfg, "mha"))
+    reference = build_model({**TINY, "n_layers": 4}).num_params()
+    unmatched = build_model(cfg).num_params()
+    assert (
+        abs(matched.num_params() - reference) <= 4 * 1.5 * TINY["dim"] < abs(unmatched - reference)
+    )

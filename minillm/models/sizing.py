@@ -33,17 +33,17 @@ def attention_params(attn: Mapping[str, Any] | str, dim: int, n_heads: int) -> i
 def match_params(model: Mapping[str, Any], reference: Mapping[str, Any] | str) -> dict[str, Any]:
     """``model`` (ModelConfig fields, ``attn`` included) with ``mlp_hidden`` set so that the
     decoder has as many parameters as the same config with ``reference`` attention (a
-    registry key or ``{"kind": ..., **knobs}``) and the default or given MLP width."""
+    registry key or ``{"kind": ..., **knobs}``) and the default or given MLP width. A hybrid
+    (``layers``) gives every block the mean attention gap of its layers."""
     cfg = ModelConfig.from_dict(dict(model))
     if cfg.arch != "decoder":
         raise ValueError(f"match_params sizes decoder-only models, not arch={cfg.arch!r}")
-    gap = attention_params(reference, cfg.dim, cfg.n_heads) - attention_params(
-        cfg.attn, cfg.dim, cfg.n_heads
-    )
+    ours = [attention_params(a, cfg.dim, cfg.n_heads) for a in cfg.layer_attns()]  # hybrids
+    gap = attention_params(reference, cfg.dim, cfg.n_heads) - sum(ours) / len(ours)
     hidden = cfg.hidden + round(gap / (3 * cfg.dim))  # SwiGLU: 3 * dim * hidden weights
     if hidden < 1:
         raise ValueError(
-            f"match_params: attention {cfg.attn.get('kind')!r} has {-gap} more parameters per "
+            f"match_params: attention {cfg.attn_label!r} has {-gap:.0f} more parameters per "
             f"block than {reference!r}, more than the MLP of width {cfg.hidden} can give back"
         )
     return {**model, "mlp_hidden": hidden}
