@@ -21,7 +21,7 @@ from minillm.attention.gated_linear import GatedLinearAttention
 from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
 from minillm.checkpoint import save_pretrained
-from minillm.cli import attention_map
+from minillm.cli import attention_map, attention_map_images
 from minillm.cli.app import compose
 from minillm.data.images import class_tokenizer
 from minillm.data.tokenizer import build_tokenizer
@@ -120,7 +120,7 @@ def test_prompt_is_taken_verbatim(text: str) -> None:
 
 VIT = {"arch": "vit", "dim": 32, "n_layers": 2, "n_heads": 4, "image_size": 8}
 VIT |= {"patch_size": 2, "channels": 1, "n_classes": 10}
-PANEL_PX = round(attention_map.PANEL * attention_map.DPI)  # one head's panel, pixels a side
+PANEL_PX = round(attention_map_images.PANEL * attention_map_images.DPI)  # a panel, pixels a side
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -18,7 +18,7 @@ def run_label(run: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return run.get("kind") or run["name"] if same == 1 else run["name"]
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +28,7 @@ def _pyplot() -> Any:
 
 
 def plot_val_loss(runs: list[dict[str, Any]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         val, elapsed = r["log"].get("val/loss", {}), r["log"].get("time/elapsed_s", {})
@@ -47,7 +47,7 @@ def plot_val_loss(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_decode(runs: list[dict[str, Any]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in runs:
         ctx = sorted(r["decode"])
@@ -68,7 +68,7 @@ def plot_decode(runs: list[dict[str, Any]], path: Path) -> None:
 
 def plot_step_time(bench: dict[str, Any], path: Path) -> None:
     """Forward+backward time of one attention module against T, from bench_attention's JSON."""
-    plt = _pyplot()
+    plt = pyplot()
     results = {int(t): row for t, row in bench["results"].items()}
     kinds = list(dict.fromkeys(k for row in results.values() for k in row))
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -92,7 +92,7 @@ def plot_recall(runs: list[dict[str, Any]], path: Path) -> None:
     """Recall accuracy against state bytes per layer, one line per kind across widths
     (runs from ``recall_report.load_recall_run``: ``kind``, ``dim``, ``state_bytes``,
     ``recall_acc``); each point is labelled with its width."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for kind in dict.fromkeys(r["kind"] for r in runs):
         mine = sorted((r for r in runs if r["kind"] == kind), key=lambda r: r["state_bytes"])

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minillm.evaluation.charts import _pyplot
+from minillm.evaluation.charts import pyplot
 
 
 def model_label(cfg: Any) -> str:
@@ -66,7 +66,7 @@ def extrapolation_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_extrapolation(rows: list[dict[str, Any]], path: Path) -> None:
     """Perplexity (log scale) against evaluation context (log 2), one line per label."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for label in dict.fromkeys(r["label"] for r in rows):
         points = [(r["context"], r["ppl"]) for r in rows if r["label"] == label and r["ppl"]]

@@ -19,7 +19,8 @@ from minillm.attention.reference.common import (
     softmax_reference,
     split_heads,
 )
-from minillm.attention.sparse import SparseAttention, random_key_blocks
+from minillm.attention.sparse import SparseAttention
+from minillm.attention.sparse_ops import random_key_blocks
 
 
 def mha_reference(
