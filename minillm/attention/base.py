@@ -79,6 +79,23 @@ class Attention(nn.Module):
             )
         object.__setattr__(self, "pos_encoding", module)
 
+    def grouped_kv_projections(self, n_kv_heads: int | None, bias: bool) -> None:
+        """``q_proj``/``k_proj``/``v_proj``/``o_proj`` with ``n_kv_heads`` key/value heads
+        (None: one per query head) and ``self.n_kv_heads``: the softmax kinds' projections
+        (mha/gqa/mqa, local, sparse)."""
+        n_heads, dim = self.n_heads, self.dim
+        self.n_kv_heads = n_kv_heads or n_heads
+        if self.n_kv_heads < 1 or n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                f"choose an n_kv_heads that divides {n_heads} (1 gives MQA, {n_heads} gives MHA)"
+            )
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
+
     @property
     def causal(self) -> bool:
         return self.role == "causal"

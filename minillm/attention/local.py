@@ -129,17 +129,7 @@ class LocalAttention(Attention):
         super().__init__(cfg, dim, n_heads, role)
         if cfg.window < 1:
             raise ValueError(f"local attention needs window >= 1, got {cfg.window}")
-        self.n_kv_heads = cfg.n_kv_heads or n_heads
-        if self.n_kv_heads < 1 or n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
-                f"choose an n_kv_heads that divides {n_heads}"
-            )
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(dim, dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(dim, kv_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(dim, kv_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        self.grouped_kv_projections(cfg.n_kv_heads, cfg.bias)
         # keys a query sees before / after itself
         self.before = cfg.window - 1 if self.causal else cfg.window // 2
         self.after = 0 if self.causal else cfg.window // 2

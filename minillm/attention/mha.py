@@ -67,17 +67,7 @@ class MultiHeadAttention(Attention):
 
     def __init__(self, cfg: Config, dim: int, n_heads: int, role: str) -> None:
         super().__init__(cfg, dim, n_heads, role)
-        self.n_kv_heads = cfg.n_kv_heads or n_heads
-        if self.n_kv_heads < 1 or n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
-                f"choose an n_kv_heads that divides {n_heads} (1 gives MQA, {n_heads} gives MHA)"
-            )
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(dim, dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(dim, kv_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(dim, kv_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        self.grouped_kv_projections(cfg.n_kv_heads, cfg.bias)
 
     def init_cache(
         self,

@@ -66,17 +66,7 @@ class SparseAttention(Attention):
                 f"random_blocks={cfg.random_blocks}: random blocks need the whole past, which "
                 "the causal cache does not keep; set random_blocks=0 for causal attention"
             )
-        self.n_kv_heads = cfg.n_kv_heads or n_heads
-        if self.n_kv_heads < 1 or n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
-                f"choose an n_kv_heads that divides {n_heads}"
-            )
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(dim, dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(dim, kv_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(dim, kv_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(dim, dim, bias=cfg.bias)
+        self.grouped_kv_projections(cfg.n_kv_heads, cfg.bias)
         self.local = cfg.window - cfg.n_global  # neighbours a query reads, itself included
         self.before = self.local - 1 if self.causal else self.local // 2
         self.after = 0 if self.causal else self.local // 2
