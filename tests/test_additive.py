@@ -82,12 +82,13 @@ def test_query_blocks_give_the_full_computation(role: str) -> None:
     for y, grads in results[1:]:
         torch.testing.assert_close(y, results[0][0], rtol=1e-5, atol=1e-6)
         for g, g_full in zip(grads, results[0][1], strict=True):
-            torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(g, g_full, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, None])
 def test_never_allocates_the_whole_pairwise_tensor(chunk: int | None) -> None:
-    """Forward and backward: no 5-D tensor larger than one block's (B, H, c, S, d_att), a few
+    """Forward and backward: no 5-D tensor larger than one block's (B, H, c, S, d_att) (block
+    i's S is its (i + 1) * c keys: causal blocks skip the keys after them), a few
     blocks alive at most (the backward recomputes each block instead of keeping it), and the
     default block stays under BLOCK_ELEMENTS."""
     b, t, d_att = 1, 512, 8  # whole tensor 4 * 512 * 512 * 8 = 2 * BLOCK_ELEMENTS
@@ -97,7 +98,10 @@ def test_never_allocates_the_whole_pairwise_tensor(chunk: int | None) -> None:
         attn(**inp).sum().backward()
     block = chunk or BLOCK_ELEMENTS // (b * HEADS * t * d_att)
     one_block = b * HEADS * block * t * d_att
-    assert max(torch.Size(s).numel() for s in seen.shapes) == one_block <= BLOCK_ELEMENTS
+    sizes = [torch.Size(s).numel() for s in seen.shapes]
+    assert max(sizes) <= one_block <= BLOCK_ELEMENTS
+    keys_seen = {torch.Size(s)[3] for s in seen.shapes}  # causal: block i sees (i + 1) * c keys
+    assert {min(block * (i + 1), t) for i in range(-(-t // block))} <= keys_seen | {1}
     assert seen.peak <= 8 * one_block < b * HEADS * t * t * d_att or chunk is None
     assert len(seen.shapes) >= 2 * -(-t // block)  # the backward recomputed every block
     assert inp["x"].grad is not None and torch.isfinite(inp["x"].grad).all()

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -164,14 +165,20 @@ class AdditiveAttention(Attention):
         outs = []
         for lo in range(0, t, block):
             hi = min(lo + block, t)
+            blk_keys, blk_v = keys, v
             if allowed is not None:
                 blk_mask = allowed[:, :, lo:hi]  # (B | 1, 1, c, S)
             else:
                 off = s - t + lo
-                blk_mask = softmax_attention_mask(hi - lo, s, off, self.causal, key_valid, a.device)
+                n = off + hi - lo if self.causal else s  # causal: no key after the block's last
+                valid = None if key_valid is None else key_valid[:, :n]
+                blk_mask = softmax_attention_mask(hi - lo, n, off, self.causal, valid, a.device)
+                blk_keys, blk_v = keys[:, :, :n], v[:, :, :n]
             fn = self._weights if weights_only else self._block
-            args = (a[:, :, lo:hi], keys, v, blk_mask)
+            args = (a[:, :, lo:hi], blk_keys, blk_v, blk_mask)
             outs.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
+        if weights_only and self.causal and allowed is None:  # blocks saw fewer keys: pad with 0
+            outs = [F.pad(o, (0, s - o.shape[-1])) for o in outs]
         return torch.cat(outs, dim=2)
 
     def _weights(self, a: Tensor, keys: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
