@@ -14,7 +14,7 @@ from torch import Tensor
 
 from minillm.attention import RecurrentState, build_attention
 from minillm.attention.delta_net import ConvRecurrentState, l2_normalize
-from minillm.attention.linear_ops import chunk_delta_rule
+from minillm.attention.linear_ops import chunk_delta_rule, delta_rule_step
 from minillm.attention.reference import REFERENCES, delta_rule_reference
 
 DIM, HEADS = 32, 4
@@ -67,6 +67,21 @@ def test_chunk_size_does_not_change_op_results(gated: bool) -> None:
         for c in (2, 4, 16, 64):
             o, s = chunk_delta_rule(**inp, chunk_size=c)
             assert rel_err(o, o_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_decode_step_token_by_token_equals_the_loop(gated: bool) -> None:
+    """The decode op, fed one token at a time from S_0, gives the loop's outputs and S_T."""
+    inp = op_inputs(9, gated)
+    with torch.no_grad():
+        o_ref, s_ref = delta_rule_reference(**inp)
+        state, outs = inp["state"], []
+        for i in range(9):
+            one = {n: inp[n][:, :, i : i + 1] for n in ("q", "k", "v", "beta")}
+            alpha = None if inp["log_alpha"] is None else inp["log_alpha"][:, :, i : i + 1]
+            o, state = delta_rule_step(**one, log_alpha=alpha, state=state)
+            outs.append(o)
+    assert rel_err(torch.cat(outs, 2), o_ref) < 1e-12 and rel_err(state, s_ref) < 1e-12
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4])

@@ -12,7 +12,8 @@ neighbours', which is what binds a key to the value next to it (MQAR recall). Th
 L2-normalised per head (which keeps every transition contractive) and q is scaled by
 D_k^-1/2. The head outputs are RMS-normalised per head and projected back. Training runs the
 chunkwise WY form of ``linear_ops.chunk_delta_rule``; decoding carries S, and the last
-``conv_size - 1`` projections, in a ``ConvRecurrentState``. No RoPE.
+``conv_size - 1`` projections, in a ``ConvRecurrentState``, and steps one token with
+``linear_ops.delta_rule_step``. No RoPE.
 
 Causal only: the state is a sequential read-write memory. Left-padding steps get beta = 0
 (and, gated, alpha = 1), so they leave the state untouched, and their projections are zeroed
@@ -33,6 +34,7 @@ from minillm.attention.base import Attention
 from minillm.attention.bounded_cache import RecurrentState
 from minillm.attention.cache import static_address
 from minillm.attention.linear_backends import chunk_delta_rule
+from minillm.attention.linear_ops import delta_rule_step
 
 L2_EPS = 1e-6  # x / sqrt(|x|^2 + eps), as fla's l2norm
 
@@ -177,7 +179,10 @@ class DeltaNetAttention(Attention):
             window = u.new_zeros(b, self.cfg.conv_size - 1, c)
         full = torch.cat((window.to(u.dtype), u), 1)  # (B, K - 1 + T, C)
         weight = torch.cat([conv.weight for conv in self.short_convs()]).to(u.dtype)  # (C, 1, K)
-        y = F.conv1d(full.transpose(1, 2), weight, groups=c).transpose(1, 2)  # (B, T, C)
+        if t == 1:  # a decode step: one weighted sum, no convolution call's overhead
+            y = (full * weight[:, 0].t()).sum(1, keepdim=True)  # (B, 1, C)
+        else:
+            y = F.conv1d(full.transpose(1, 2), weight, groups=c).transpose(1, 2)  # (B, T, C)
         return (*F.silu(y).split(sizes, -1), full[:, t:])
 
     def log_decay(self, x: Tensor) -> Tensor | None:
@@ -224,7 +229,10 @@ class DeltaNetAttention(Attention):
             state = k.new_zeros(b, self.n_heads, self.head_k, self.head_v)
         else:
             state = cache.state
-        y, state = chunk_delta_rule(q, k, v, beta, log_alpha, state, self.cfg.chunk_size)
+        if t == 1 and cache is not None:  # a decode step: the recurrence itself
+            y, state = delta_rule_step(q, k, v, beta, log_alpha, state)
+        else:
+            y, state = chunk_delta_rule(q, k, v, beta, log_alpha, state, self.cfg.chunk_size)
         if window is not None and cache is not None:
             cache.update(t, state, window)
         elif cache is not None:

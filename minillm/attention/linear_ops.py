@@ -166,3 +166,22 @@ def chunk_delta_rule(
             state = decay_i * state + k_i.transpose(-1, -2) @ u_i  # (B, H, D_k, D_v)
         o = q @ torch.stack(states, 2) + scores @ torch.stack(us, 2)  # (B, H, n, c, D_v)
         return o.flatten(2, 3)[:, :, :t].to(dtype), state
+
+
+def delta_rule_step(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor | None, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One token of ``chunk_delta_rule`` (the decode step): shapes as there with T = 1.
+
+    S = alpha S; S = S + beta k (v - k^T S) (erase at k, then write); o = q S. A handful of
+    small matmuls instead of the chunk form's triangular solve and chunk bookkeeping.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        dtype = v.dtype
+        q, k, v, beta, state = _at_least_fp32(q, k, v, beta, state)
+        if log_alpha is not None:
+            (log_alpha,) = _at_least_fp32(log_alpha)
+            state = state * log_alpha.exp()[..., None]  # (B, H, 1, 1)
+        u = beta[..., None] * (v - k @ state)  # (B, H, 1, D_v)
+        state = state + k.transpose(-1, -2) @ u  # (B, H, D_k, D_v)
+        return (q @ state).to(dtype), state
