@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, tiny_overrides
+from conftest import CONF, compose, tiny_overrides
 
 from minillm import load_checkpoint
 from minillm.attention import ATTENTION, KVCache, RecurrentState, RollingKVCache
@@ -36,6 +36,28 @@ def test_a_pattern_repeats_over_the_layers() -> None:
     three_one = ModelConfig(**TINY, n_layers=4, layers=["gated_linear"] * 3 + ["mha"])
     assert three_one.attn_label == "3xgated_linear+mha"
     assert ModelConfig(**TINY, n_layers=4).attn_label == "mha"
+
+
+@pytest.mark.parametrize(
+    "overrides, label",
+    [
+        ([], "mha"),
+        (["attn=linear"], "linear"),
+        (["model.layers=[linear,linear,mha]"], "2xlinear+mha"),
+    ],
+)
+def test_run_directories_are_named_by_the_label(overrides: list[str], label: str) -> None:
+    """outputs/<date>/<time>_<label> and a sweep's <n>_<label>: a hybrid is not named 'mha'."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from minillm.cli import schema
+
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides, return_hydra_config=True)
+        cfg.hydra.job.num = 3
+        assert cfg.hydra.run.dir.endswith(f"_{label}") and cfg.hydra.sweep.subdir == f"3_{label}"
 
 
 @pytest.mark.parametrize("layers", [[], ["mha"] * 3, ["mha"] * 5])

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from minillm.attention import ATTENTION, attention_config
 from minillm.models import ModelConfig
+from minillm.models.config import attention_label
 from minillm.models.mlp import MLPS
 from minillm.training import LoggerConfig, OptimConfig, TrainerConfig
 from minillm.training.run import DATA_MODULES, RunConfig
@@ -64,8 +66,16 @@ def mlp_schema(kind: str) -> type:
     return dataclasses.make_dataclass(f"{kind}_mlp", fields)
 
 
+def _attn_label(kind: str, layers: Any) -> str:
+    """``${attn_label:${attn.kind},${model.layers}}``: a run's kind, or its hybrid's pattern
+    (``3xgated_linear+mha``), e.g. in a sweep's job directory names."""
+    layers = OmegaConf.to_container(layers) if OmegaConf.is_config(layers) else layers
+    return attention_label(layers or [kind])
+
+
 def register() -> None:
-    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    """Put every schema into Hydra's ConfigStore and the resolvers into OmegaConf (idempotent)."""
+    OmegaConf.register_new_resolver("attn_label", _attn_label, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
     for kind in ATTENTION:

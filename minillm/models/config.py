@@ -27,6 +27,18 @@ POOLS = ("mean", "cls")
 NORMS: dict[str, type[nn.Module]] = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
 
 
+def attention_label(layers: list[Any]) -> str:
+    """Layer kinds (registry keys or {"kind": ...}) run-length coded: ``3xgated_linear+mha``."""
+    kinds = [a if isinstance(a, str) else a["kind"] for a in layers]
+    runs: list[list[Any]] = []
+    for kind in kinds:
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] += 1
+        else:
+            runs.append([kind, 1])
+    return "+".join(kind if n == 1 else f"{n}x{kind}" for kind, n in runs)
+
+
 @dataclass
 class ModelConfig:
     arch: str = "decoder"  # "decoder" (DecoderLM) or "encoder_decoder" (EncoderDecoderLM)
@@ -202,14 +214,7 @@ class ModelConfig:
     def attn_label(self) -> str:
         """The main stack's attention kind for reports: ``mha``, or a hybrid's layer pattern
         run-length coded, e.g. ``3xgated_linear+mha``."""
-        kinds = [a if isinstance(a, str) else a["kind"] for a in (self.layers or [self.attn])]
-        runs: list[list[Any]] = []
-        for kind in kinds:
-            if runs and runs[-1][0] == kind:
-                runs[-1][1] += 1
-            else:
-                runs.append([kind, 1])
-        return "+".join(kind if n == 1 else f"{n}x{kind}" for kind, n in runs)
+        return attention_label(self.layers or [self.attn])
 
     @property
     def hidden(self) -> int:
