@@ -15,7 +15,8 @@ from minillm.attention.cache import StreamCache, fixed_shapes, new_buffer, stati
 class RollingKVCache(StreamCache):
     """The last ``window`` keys/values in a ring of ``window + lookahead`` slots: ``k``, ``v``
     (B, H_kv, slots, D), ``valid`` (B, slots), ``index`` (slots,) the stream index (0, 1, 2, ...
-    over all tokens written) of each slot, -1 while empty.
+    over all tokens written) of each slot, -1 while empty. A subclass may keep ``first`` fixed
+    slots before the ring (``SparseKVCache``'s global tokens).
 
     Memory is O(window) whatever the sequence length, so ``capacity`` is None: it decodes
     past any max_len. Keys are stored already rotated (RoPE). ``lookahead`` spare slots let a
@@ -24,6 +25,8 @@ class RollingKVCache(StreamCache):
 
     _tensors = ("k", "v", "valid")
     _shared = ("index",)
+    first = 0  # slots before the ring
+    name = "a rolling cache"  # in messages
 
     def __init__(
         self,
@@ -36,11 +39,13 @@ class RollingKVCache(StreamCache):
         lookahead: int = 0,
     ) -> None:
         self.window, self.lookahead = window, lookahead
-        self.slots = window + lookahead
+        self.ring = window + lookahead
+        self.slots = self.first + self.ring
         shape = (batch_size, n_kv_heads, self.slots, head_dim)
         self.k, self.v = new_buffer(shape, device, dtype), new_buffer(shape, device, dtype)
         self.valid = new_buffer((batch_size, self.slots), device, torch.bool)
-        self.index = static_address(torch.full((self.slots,), -1, device=device, dtype=torch.long))
+        index = torch.cat((torch.arange(self.first), torch.full((self.ring,), -1))).to(device)
+        self.index = static_address(index)
         self.has_padding = False
         self._init_stream(device)
 
@@ -60,13 +65,13 @@ class RollingKVCache(StreamCache):
             self.has_padding = True
         if fixed_shapes():  # always ``before`` slots; the ones not (or no longer) held are masked
             stream = self.end - before + torch.arange(before, device=k.device)  # (P,)
-            slots = stream % self.slots
+            slots = self.first + stream % self.ring
             held = (self.index[slots] == stream) & (stream >= 0)  # (P,) still in the ring
             ctx_valid = self.valid[:, slots] & held  # (B, P)
         else:
             held = min(self.length, before)
             stream = torch.arange(self.length - held, self.length, device=k.device)
-            slots = stream % self.slots
+            slots = self.first + stream % self.ring
             ctx_valid = self.valid[:, slots] if self.has_padding else None
         k_ctx, v_ctx = self.k[:, :, slots], self.v[:, :, slots]  # (B, H_kv, P, D)
         key_valid = None
@@ -78,11 +83,11 @@ class RollingKVCache(StreamCache):
         return torch.cat((k_ctx, k), dim=2), torch.cat((v_ctx, v), dim=2), key_valid
 
     def _write(self, k: Tensor, v: Tensor, valid: Tensor | None) -> None:
-        """Only the last ``slots`` of the T new tokens are kept."""
+        """Only the last ``ring`` of the T new tokens are kept."""
         t = k.shape[2]
-        keep = min(t, self.slots)
+        keep = min(t, self.ring)
         stream = self.end + (t - keep) + torch.arange(keep, device=k.device)  # (keep,)
-        slots = stream % self.slots
+        slots = self.first + stream % self.ring
         self.k.index_copy_(2, slots, k[:, :, t - keep :])
         self.v.index_copy_(2, slots, v[:, :, t - keep :])
         if valid is None:
@@ -97,7 +102,7 @@ class RollingKVCache(StreamCache):
         the window before the forgotten tokens is intact."""
         if n > self.lookahead:
             raise ValueError(
-                f"rollback n={n}: a rolling cache can take back at most lookahead="
+                f"rollback n={n}: {self.name} can take back at most lookahead="
                 f"{self.lookahead} tokens; allocate it with a larger lookahead"
             )
         return super().rollback(n)
@@ -171,21 +176,18 @@ class RecurrentState(StreamCache):
         return super().nbytes + sum(t.numel() * t.element_size() for t in held)
 
 
-class SparseKVCache(StreamCache):
+class SparseKVCache(RollingKVCache):
     """``sparse``'s cache: the row's global tokens plus a rolling window, O(window) memory.
 
-    ``k``, ``v`` (B, H_kv, slots, D) and ``valid`` (B, slots) with slots = ``n_global`` +
-    ``local`` + ``lookahead``: slot j < n_global holds the row's token at position j (written
-    once, when it arrives); the rest are a ring of the last ``local`` tokens as in
-    ``RollingKVCache``. ``index`` (slots,): the position of a global slot, the stream index of
-    a ring slot (-1 while empty). ``capacity`` is None: it decodes past any max_len.
+    ``RollingKVCache`` over the last ``local`` tokens, after ``first = n_global`` fixed slots:
+    slot j < n_global holds the row's token at position j (written once, when it arrives);
+    there ``index`` is the position, in the ring the stream index (-1 while empty).
 
     Global slots are read under ``position < query position - (local - 1)`` (nearer ones are in
     the ring), so a rolled-back global token is invisible until its position is written again.
     """
 
-    _tensors = ("k", "v", "valid")
-    _shared = ("index",)
+    name = "a sparse cache"
 
     def __init__(
         self,
@@ -198,50 +200,20 @@ class SparseKVCache(StreamCache):
         dtype: torch.dtype,
         lookahead: int = 0,
     ) -> None:
-        self.n_global, self.local, self.lookahead = n_global, local, lookahead
-        self.ring = local + lookahead
-        shape = (batch_size, n_kv_heads, n_global + self.ring, head_dim)
-        self.k, self.v = new_buffer(shape, device, dtype), new_buffer(shape, device, dtype)
-        self.valid = new_buffer((batch_size, n_global + self.ring), device, torch.bool)
-        index = torch.cat((torch.arange(n_global), torch.full((self.ring,), -1))).to(device)
-        self.index = static_address(index)
-        self.has_padding = False
-        self._init_stream(device)
+        self.n_global = self.first = n_global
+        self.local = local
+        super().__init__(batch_size, n_kv_heads, local, head_dim, device, dtype, lookahead)
 
-    @property
-    def capacity(self) -> None:
-        return None
-
-    def update(
+    def update(  # type: ignore[override]
         self, k: Tensor, v: Tensor, valid: Tensor | None, positions: Tensor
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
         """Write k, v (B, H_kv, T, D), valid (B, T) at ``positions`` (B, T). Returns, oldest
         first, the ``local - 1`` ring tokens before the new ones and the new ones: keys, values
         (B, H_kv, P + T, D), validity (B, P + T) or None; then the global slots (new tokens
         included): keys, values (B, H_kv, n_global, D) and validity (B, n_global)."""
-        g, before = self.n_global, self.local - 1
-        if valid is not None:
-            self.has_padding = True
-        if fixed_shapes():  # always ``before`` slots; the ones not (or no longer) held are masked
-            stream = self.end - before + torch.arange(before, device=k.device)  # (P,)
-            slots = g + stream % self.ring
-            held = (self.index[slots] == stream) & (stream >= 0)  # (P,) still in the ring
-            ctx_valid = self.valid[:, slots] & held  # (B, P)
-        else:
-            held = min(self.length, before)
-            stream = torch.arange(self.length - held, self.length, device=k.device)
-            slots = g + stream % self.ring
-            ctx_valid = self.valid[:, slots] if self.has_padding else None
-        k_ctx, v_ctx = self.k[:, :, slots], self.v[:, :, slots]  # (B, H_kv, P, D)
-        key_valid = None
-        if ctx_valid is not None:
-            new_valid = valid
-            if new_valid is None:
-                new_valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-            key_valid = torch.cat((ctx_valid, new_valid), dim=1)  # (B, P + T)
+        keys, values, key_valid = super().update(k, v, valid)
         self._write_globals(k, v, valid, positions)
-        self._write_ring(k, v, valid)
-        keys, values = torch.cat((k_ctx, k), dim=2), torch.cat((v_ctx, v), dim=2)
+        g = self.n_global
         return keys, values, key_valid, self.k[:, :, :g], self.v[:, :, :g], self.valid[:, :g]
 
     def _write_globals(self, k: Tensor, v: Tensor, valid: Tensor | None, positions: Tensor) -> None:
@@ -258,26 +230,3 @@ class SparseKVCache(StreamCache):
         self.k[:, :, :g] = torch.where(keep, new_k, self.k[:, :, :g])
         self.v[:, :, :g] = torch.where(keep, new_v, self.v[:, :, :g])
         self.valid[:, :g] |= found
-
-    def _write_ring(self, k: Tensor, v: Tensor, valid: Tensor | None) -> None:
-        """Only the last ``ring`` of the T new tokens are kept."""
-        t = k.shape[2]
-        keep = min(t, self.ring)
-        stream = self.end + (t - keep) + torch.arange(keep, device=k.device)  # (keep,)
-        slots = self.n_global + stream % self.ring
-        self.k.index_copy_(2, slots, k[:, :, t - keep :])
-        self.v.index_copy_(2, slots, v[:, :, t - keep :])
-        if valid is None:
-            valid = torch.ones(k.shape[0], t, dtype=torch.bool, device=k.device)
-        self.valid.index_copy_(1, slots, valid[:, t - keep :])
-        self.index.index_copy_(0, slots, stream)
-        self._advance(t)
-
-    def rollback(self, n: int) -> int:
-        """Forget the last ``n <= lookahead`` tokens (see ``RollingKVCache.rollback``)."""
-        if n > self.lookahead:
-            raise ValueError(
-                f"rollback n={n}: a sparse cache can take back at most lookahead="
-                f"{self.lookahead} tokens; allocate it with a larger lookahead"
-            )
-        return super().rollback(n)
