@@ -71,6 +71,20 @@ def test_sorted_dispatch_equals_per_token_loop(knobs: dict) -> None:
         torch.testing.assert_close(g, s, rtol=1e-5, atol=1e-5)
 
 
+def test_experts_start_like_swiglu_and_the_router_keeps_its_default() -> None:
+    """Every expert (the shared one too): gate and up N(0, init_std), down N(0, init_std /
+    sqrt(2 n_layers)), as SwiGLU; the router keeps nn.Linear's U(+-1/sqrt(dim))."""
+    cfg = {**TINY, "dim": 64, "init_std": 0.05, "mlp": {"kind": "moe", "shared_expert": True}}
+    moe = build_model(cfg).blocks[0].mlp
+    down_std = 0.05 / (2 * TINY["n_layers"]) ** 0.5
+    for weight, std in ((moe.gate_proj.weight, 0.05), (moe.up_proj.weight, 0.05)):
+        assert weight.std().item() == pytest.approx(std, rel=0.05)
+    assert moe.down_proj.weight.std().item() == pytest.approx(down_std, rel=0.05)
+    assert moe.down_proj.weight[-1].std().item() == pytest.approx(down_std, rel=0.1)  # shared
+    assert moe.router.weight.abs().max() <= 64**-0.5
+    assert moe.router.weight.std().item() == pytest.approx((3 * 64) ** -0.5, rel=0.1)
+
+
 def test_router_losses_and_load() -> None:
     moe = build_mlp({"kind": "moe", "n_experts": 4, "top_k": 2}, 8, 32)
     x = torch.randn(10, 8)

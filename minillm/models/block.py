@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from minillm.attention import Cache, build_attention
 from minillm.attention.cache import static_address
 from minillm.models.config import NORMS, ModelConfig
-from minillm.models.mlp import build_mlp, init_mlp_weights
+from minillm.models.mlp import build_mlp
 from minillm.positions import Positions, build_positions
 
 
@@ -106,7 +106,7 @@ def init_block_weights(blocks: nn.ModuleList, std: float, n_layers: int) -> None
         for attn in (block.attn, block.cross_attn):
             if attn is not None:
                 attn.init_weights(std, out_std)
-        init_mlp_weights(block.mlp, std, out_std)
+        block.mlp.init_weights(std, out_std)
 
 
 def stack_positions(cfg: ModelConfig, blocks: nn.ModuleList, causal: bool) -> Positions | None:

@@ -1,8 +1,8 @@
 """Feed-forward registry: ``MLPS`` by name, ``build_mlp`` the one place a kind is chosen.
 
 Every kind is built as ``cls(config, dim, hidden)`` from its nested ``Config``; its weights
-start as ``init_mlp_weights`` says (input projections N(0, std), the output projection
-``down_proj`` N(0, out_std), biases zero). ``hidden`` is the model's feed-forward width
+start as its ``init_weights(std, out_std)`` says (input projections N(0, std), the output
+projection ``down_proj`` N(0, out_std), biases zero). ``hidden`` is the model's feed-forward width
 (``ModelConfig.hidden``: ``model.mlp_hidden``, else the SwiGLU width 8/3 * dim); a kind may
 derive its own widths from it (``moe``: expert width = hidden / active experts, equal active
 parameters). ``gelu`` uses it as is: GPT-2's 4 * dim is ``model.mlp_hidden=<4 * dim>``.
@@ -39,7 +39,9 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
-        init_gated(self, std, out_std)
+        nn.init.normal_(self.gate_proj.weight, 0.0, std)
+        nn.init.normal_(self.up_proj.weight, 0.0, std)
+        nn.init.normal_(self.down_proj.weight, 0.0, out_std)
 
 
 class GeluMLP(nn.Module):
@@ -78,23 +80,6 @@ MLPS: dict[str, type[nn.Module]] = {
     "moe": MoEMLP,
     "gelu": GeluMLP,
 }
-
-
-def init_gated(mlp: nn.Module, std: float, out_std: float) -> None:
-    """SwiGLU's weights, and moe's stacked experts (same names): gate and up N(0, std), down
-    N(0, out_std); moe's router keeps its own init."""
-    nn.init.normal_(mlp.gate_proj.weight, 0.0, std)
-    nn.init.normal_(mlp.up_proj.weight, 0.0, std)
-    nn.init.normal_(mlp.down_proj.weight, 0.0, out_std)
-
-
-def init_mlp_weights(mlp: nn.Module, std: float, out_std: float) -> None:
-    """A feed-forward's initial weights: its kind's ``init_weights(std, out_std)``; ``moe``
-    (minillm/models/moe.py, no such method yet) is initialised as SwiGLU's experts are."""
-    if isinstance(mlp, MoEMLP):
-        init_gated(mlp, std, out_std)
-    else:
-        mlp.init_weights(std, out_std)
 
 
 def mlp_config(cfg: Mapping[str, Any] | str) -> tuple[type[nn.Module], Any]:

@@ -89,6 +89,14 @@ class MoEMLP(nn.Module):
         self.load = torch.zeros(config.n_experts)  # fraction of routed slots per expert
         self.dropped = 0.0  # dropless: always 0
 
+    def init_weights(self, std: float, out_std: float) -> None:
+        """As SwiGLU's (every expert, the shared one too): gate and up N(0, std), down
+        N(0, out_std); the router keeps nn.Linear's default, so routing starts near uniform
+        without starting exactly uniform."""
+        nn.init.normal_(self.gate_proj.weight, 0.0, std)
+        nn.init.normal_(self.up_proj.weight, 0.0, std)
+        nn.init.normal_(self.down_proj.weight, 0.0, out_std)
+
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert ``e`` (SwiGLU) on x (N, dim) -> (N, dim)."""
         gate, up = x @ self.gate_proj.weight[e].T, x @ self.up_proj.weight[e].T  # (N, H)
