@@ -105,3 +105,31 @@ def test_features_survive_a_state_dict_round_trip() -> None:
     assert torch.equal(a.features, b.features)
     with torch.no_grad():
         torch.testing.assert_close(a(x, positions=pos), b(x, positions=pos), rtol=0, atol=0)
+
+
+def test_a_resumed_module_redraws_on_the_uninterrupted_schedule() -> None:
+    """Saved after 4 training calls (one redraw at call 3, interval 3), loaded into a fresh
+    module: calls 5..9 redraw at 6 and 9 with the same draws as the module never stopped."""
+    x, pos = torch.randn(1, 8, DIM), torch.arange(8)[None]
+    a = make(seed=0, redraw_interval=3)
+    for _ in range(4):
+        a(x, positions=pos)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    b = make(seed=1, redraw_interval=3)
+    b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    for _ in range(5):
+        a(x, positions=pos), b(x, positions=pos)
+        assert torch.equal(a.features, b.features)
+    assert (b.training_calls, b.redraws) == (9, 3)
+
+
+def test_a_state_dict_without_redraw_counts_still_loads() -> None:
+    """Checkpoints written before the counts were saved load, the counts starting at 0."""
+    a = make(seed=0, redraw_interval=1)
+    a(torch.randn(1, 8, DIM), positions=torch.arange(8)[None])
+    state = a.state_dict()
+    assert state.pop("redraw_count").tolist() == [1, 1]
+    b = make(seed=1)
+    b.load_state_dict(state)  # strict
+    assert torch.equal(a.features, b.features) and (b.training_calls, b.redraws) == (0, 0)

@@ -14,7 +14,8 @@ a data-dependent key shift would differ between a full forward and a cache's pie
 
 ``features`` (m, D) is a buffer saved with the weights, so a checkpoint generates the same
 text. In training mode it is redrawn every ``redraw_interval`` forward calls (0: never) from a
-generator seeded by ``feature_seed`` + the redraw count (the same draw on every DDP rank);
+generator seeded by ``feature_seed`` + the redraw count (the same draw on every DDP rank; the
+counts travel in the state dict as ``redraw_count``, so a resume keeps the schedule);
 never in eval. No RoPE (as ``linear``: rotation would break the features' positivity).
 Caches are ``RecurrentState`` (S (B, H, m, D), z (B, H, m)), fixed size whatever the length.
 """
@@ -94,6 +95,19 @@ class PerformerAttention(Attention):
         self.register_buffer("features", orthogonal_gaussian(cfg.n_features, self.head_dim))
         self.training_calls = 0  # training forwards since construction
         self.redraws = 0
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """Also ``<prefix>redraw_count`` = [training calls, redraws]: a resumed run redraws on
+        the same schedule and draws what the uninterrupted run would have drawn. The counts
+        stay Python ints in the module (a tensor counter would cost a host sync a step)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "redraw_count"] = torch.tensor([self.training_calls, self.redraws])
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        counts = state_dict.pop(prefix + "redraw_count", None)  # absent in older checkpoints
+        if counts is not None:
+            self.training_calls, self.redraws = (int(n) for n in counts)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def redraw_features(self) -> None:
         """New orthogonal features, drawn from ``feature_seed`` + the number of redraws."""
