@@ -131,3 +131,21 @@ def test_bad_knobs_name_the_value_and_the_fix() -> None:
         build_attention({"kind": "sparse", "window": 8, "n_global": 8}, DIM, HEADS, "causal")
     with pytest.raises(ValueError, match="random_blocks=2.*random_blocks=0"):
         build_attention({"kind": "sparse", "random_blocks": 2}, DIM, HEADS, "causal")
+
+
+def test_one_token_at_a_time_from_the_start_equals_the_full_forward() -> None:
+    """Every token through the decode step, left padding included (a padding query sees only
+    itself, as in the full forward), past the window and the globals."""
+    attn = make("causal")
+    x = torch.randn(3, T, DIM)
+    mask = torch.ones(3, T, dtype=torch.bool)
+    mask[1, :3], mask[2, :9] = False, False
+    pos = positions_from_mask(mask, 3, T, x.device)
+    cache = attn.init_cache(3, T, "cpu", torch.float32)
+    with torch.no_grad():
+        full = attn(x, positions=pos, mask=mask)
+        steps = [
+            attn(x[:, i : i + 1], positions=pos[:, i : i + 1], cache=cache, mask=mask[:, i : i + 1])
+            for i in range(T)
+        ]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)

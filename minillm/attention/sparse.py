@@ -123,12 +123,44 @@ class SparseAttention(Attention):
             )  # (B, H_kv, P + T, D), (B, H_kv, n_global, D)
             g = torch.arange(self.cfg.n_global, device=x.device)
             g_allowed = g_valid[:, None, :] & (g < positions[:, :, None] - self.before)  # (B,T,g)
+            if t == 1:  # a decode step: one SDPA call over the globals and the ring
+                y = self._step(
+                    q, torch.cat((gk, k), 2), torch.cat((gv, v), 2), g_allowed, valid, mask
+                )
+                return self.o_proj(y.reshape(b, t, self.dim))
             extra = (gk.transpose(1, 2)[:, None], gv.transpose(1, 2)[:, None], g_allowed)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, P + T, H_kv, D)
             y = sparse_attention(
                 q, k, v, valid, mask, self.before, 0, extra, self.cfg.block_size, dropout
             )
         return self.o_proj(y.reshape(b, t, self.dim))
+
+    def _step(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        g_allowed: Tensor,
+        valid: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """One query (B, 1, H, D) over k, v (B, H_kv, g + P + 1, D): the globals outside its
+        band (``g_allowed`` (B, 1, g)), then the ring and itself (``valid`` (B, P + 1) or None:
+        all held). As ``sparse_attention``: a padding query sees only itself. (B, 1, H, D)."""
+        b, n = q.shape[0], k.shape[2]
+        ring = g_allowed.new_ones(b, n - g_allowed.shape[-1]) if valid is None else valid
+        allowed = torch.cat((g_allowed[:, 0], ring), -1)  # (B, g + P + 1)
+        if mask is not None:
+            allowed = allowed & mask
+        allowed[:, -1] = True  # its own key
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k,
+            v,
+            attn_mask=allowed[:, None, None],
+            enable_gqa=self.n_heads != k.shape[1],
+        )  # (B, H, 1, D)
+        return y.transpose(1, 2)
 
     def _parallel(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
