@@ -155,6 +155,7 @@ def test_gated_decay_is_mamba2_style_and_never_above_one() -> None:
         ({"chunk_size": 48}, "chunk_size, got 48"),
         ({"expand_k": 0.3}, "n_heads=4"),
         ({"conv_size": -1}, "conv_size >= 0"),
+        ({"conv_init": "dirac"}, "conv_init='dirac'; choose one of default, identity"),
     ],
 )
 def test_bad_knobs_say_what_and_how(kind: str, knobs: dict, words: str) -> None:
@@ -204,17 +205,23 @@ def test_conv_size_zero_is_the_plain_silu_projection_path() -> None:
     torch.testing.assert_close(y[1, 4:], expect[1, 4:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("built", ["taps_set", "conv_init", "init_weights"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_an_identity_kernel_gives_the_no_conv_module(kind: str) -> None:
-    """Taps (0, ..., 0, 1) make the conv the identity: the default module then equals a
-    conv_size=0 one with the same other weights, in the full forward and while decoding."""
+def test_an_identity_kernel_gives_the_no_conv_module(kind: str, built: str) -> None:
+    """Taps (0, ..., 0, 1) make the conv the identity: the module then equals a conv_size=0
+    one with the same other weights, in the full forward and while decoding. conv_init=
+    "identity" starts there, built directly or re-initialised as models do."""
     torch.manual_seed(0)
-    conv = build_attention({"kind": kind}, DIM, HEADS, "causal")
+    knobs = {} if built == "taps_set" else {"conv_init": "identity"}
+    conv = build_attention({"kind": kind, **knobs}, DIM, HEADS, "causal")
+    if built == "init_weights":
+        conv.init_weights(0.02, 0.01)
     plain = build_attention({"kind": kind, "conv_size": 0}, DIM, HEADS, "causal")
     plain.load_state_dict({n: p for n, p in conv.state_dict().items() if "conv" not in n})
-    with torch.no_grad():
-        for c in conv.short_convs():
-            c.weight.zero_()[:, :, -1] = 1.0
+    if built == "taps_set":
+        with torch.no_grad():
+            for c in conv.short_convs():
+                c.weight.zero_()[:, :, -1] = 1.0
     x, pos = torch.randn(2, 10, DIM), torch.arange(10)[None]
     cache = conv.init_cache(2, 10, "cpu", torch.float32)
     with torch.no_grad():

@@ -37,6 +37,7 @@ from minillm.attention.linear_backends import chunk_delta_rule
 from minillm.attention.linear_ops import delta_rule_step
 
 L2_EPS = 1e-6  # x / sqrt(|x|^2 + eps), as fla's l2norm
+CONV_INITS = ("default", "identity")
 
 
 def l2_normalize(x: Tensor) -> Tensor:
@@ -94,6 +95,7 @@ class DeltaNetAttention(Attention):
         expand_v: float = 1.0  # value features = expand_v * dim
         norm_eps: float = 1e-5
         conv_size: int = 4  # short causal conv on q, k, v over this many tokens; 0 = none
+        conv_init: str = "default"  # nn.Conv1d's uniform draw, or "identity": taps (0,..,0,1)
 
     def __init__(self, cfg: Config, dim: int, n_heads: int, role: str) -> None:
         super().__init__(cfg, dim, n_heads, role)
@@ -105,6 +107,11 @@ class DeltaNetAttention(Attention):
             raise ValueError(
                 f"{self.registry_key} needs conv_size >= 0 (0 = no short conv), got "
                 f"{cfg.conv_size}; try 4"
+            )
+        if cfg.conv_init not in CONV_INITS:
+            raise ValueError(
+                f"{self.registry_key}: conv_init={cfg.conv_init!r}; choose one of "
+                f"{', '.join(CONV_INITS)}"
             )
         key_dim, value_dim = int(dim * cfg.expand_k), int(dim * cfg.expand_v)
         if key_dim % n_heads or value_dim % n_heads or not key_dim or not value_dim:
@@ -123,16 +130,27 @@ class DeltaNetAttention(Attention):
                 nn.Conv1d(c, c, cfg.conv_size, groups=c, bias=False)
                 for c in (key_dim, key_dim, value_dim)
             )
+        self._init_convs(redraw=False)  # built as initialised (the RNG stream as before)
         self.o_norm = nn.RMSNorm(self.head_v, eps=cfg.norm_eps)  # per head, shared weight
         self.o_proj = nn.Linear(value_dim, dim, bias=False)
 
     def init_weights(self, std: float, out_std: float) -> None:
         """Linear maps as the base class; the convs keep nn.Conv1d's default (as Mamba; fla's
-        HF init draws N(0, std)), so a conv starts near unit gain and q, k, v keep their scale."""
+        HF init draws N(0, std)), so a conv starts near unit gain and q, k, v keep their
+        scale; ``conv_init="identity"`` starts each conv as the identity (the last tap 1), so
+        the layer starts as its ``conv_size=0`` self and learns what to mix."""
         super().init_weights(std, out_std)
         self.o_norm.reset_parameters()
+        self._init_convs(redraw=True)
+
+    def _init_convs(self, redraw: bool) -> None:
+        """ "identity": taps (0, ..., 0, 1); else nn.Conv1d's draw (``redraw``: draw again)."""
         for conv in self.short_convs():
-            conv.reset_parameters()
+            if self.cfg.conv_init == "identity":
+                with torch.no_grad():
+                    conv.weight.zero_()[:, :, -1] = 1.0
+            elif redraw:
+                conv.reset_parameters()
 
     def short_convs(self) -> tuple[nn.Conv1d, ...]:
         return (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.cfg.conv_size else ()
