@@ -106,3 +106,18 @@ def project(layer: torch.nn.Linear, inp: Tensor) -> Tensor:
 def split_heads(y: Tensor, n: int) -> Tensor:
     b, t, _ = y.shape
     return y.view(b, t, n, -1).transpose(1, 2)  # (B, n, T, d)
+
+
+def grouped_qkv(
+    attn: torch.nn.Module, x: Tensor, src: Tensor, positions: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q from x, k and v from src, (B, H, *, D) each: rotated at ``positions`` as the kind's
+    positions module says (None: not rotated, as cross-attention), K/V heads repeated."""
+    q = split_heads(project(attn.q_proj, x), attn.n_heads)  # (B, H, T, D)
+    k = split_heads(project(attn.k_proj, src), attn.n_kv_heads)  # (B, H_kv, S, D)
+    v = split_heads(project(attn.v_proj, src), attn.n_kv_heads)
+    if positions is not None:
+        q = rotary_reference(attn.pos_encoding, q, positions)
+        k = rotary_reference(attn.pos_encoding, k, positions)
+    group = attn.n_heads // attn.n_kv_heads
+    return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

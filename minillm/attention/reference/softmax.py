@@ -14,8 +14,8 @@ from minillm.attention.local import LocalAttention
 from minillm.attention.mha import MultiHeadAttention
 from minillm.attention.reference.common import (
     bias_reference,
+    grouped_qkv,
     project,
-    rotary_reference,
     softmax_reference,
     split_heads,
 )
@@ -34,16 +34,9 @@ def mha_reference(
     b, t, _ = x.shape
     src = memory if attn.role == "cross" else x
     s = src.shape[1]
-    q = split_heads(project(attn.q_proj, x), attn.n_heads)  # (B, H, T, D)
-    k = split_heads(project(attn.k_proj, src), attn.n_kv_heads)  # (B, H_kv, S, D)
-    v = split_heads(project(attn.v_proj, src), attn.n_kv_heads)
-    bias = None  # cross-attention has no positions
-    if attn.role != "cross":
-        q = rotary_reference(attn.pos_encoding, q, positions)
-        k = rotary_reference(attn.pos_encoding, k, positions)
-        bias = bias_reference(attn.pos_encoding, positions)
-    group = attn.n_heads // attn.n_kv_heads
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    cross = attn.role == "cross"  # cross-attention has no positions
+    q, k, v = grouped_qkv(attn, x, src, None if cross else positions)  # (B, H, *, D)
+    bias = None if cross else bias_reference(attn.pos_encoding, positions)
     valid = mask if mask is not None else torch.ones(b, s, dtype=torch.bool)
 
     def allowed(row: int, query: int) -> list[int]:
@@ -67,12 +60,7 @@ def local_reference(
     """Full softmax per query over the keys of its window: causal t - window < s <= t,
     bidirectional |t - s| <= window // 2; a query always sees itself (finite pad outputs)."""
     b, t, _ = x.shape
-    pos = attn.pos_encoding
-    q = rotary_reference(pos, split_heads(project(attn.q_proj, x), attn.n_heads), positions)
-    k = rotary_reference(pos, split_heads(project(attn.k_proj, x), attn.n_kv_heads), positions)
-    v = split_heads(project(attn.v_proj, x), attn.n_kv_heads)
-    group = attn.n_heads // attn.n_kv_heads
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q, k, v = grouped_qkv(attn, x, x, positions)  # (B, H, T, D)
     valid = mask if mask is not None else torch.ones(b, t, dtype=torch.bool)
     window = attn.cfg.window
     before, after = (window - 1, 0) if attn.causal else (window // 2, window // 2)
@@ -81,7 +69,7 @@ def local_reference(
         near = range(max(0, query - before), min(t, query + after + 1))
         return [j for j in near if valid[row, j] or j == query]
 
-    y = softmax_reference(q, k, v, allowed, bias_reference(pos, positions))
+    y = softmax_reference(q, k, v, allowed, bias_reference(attn.pos_encoding, positions))
     return project(attn.o_proj, y.transpose(1, 2).reshape(b, t, attn.dim))
 
 
@@ -98,12 +86,7 @@ def sparse_reference(
     key or query, or a key in one of the query block's random blocks. Padding queries see
     only themselves."""
     b, t, _ = x.shape
-    pos = attn.pos_encoding
-    q = rotary_reference(pos, split_heads(project(attn.q_proj, x), attn.n_heads), positions)
-    k = rotary_reference(pos, split_heads(project(attn.k_proj, x), attn.n_kv_heads), positions)
-    v = split_heads(project(attn.v_proj, x), attn.n_kv_heads)
-    group = attn.n_heads // attn.n_kv_heads
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q, k, v = grouped_qkv(attn, x, x, positions)  # (B, H, T, D)
     valid = mask if mask is not None else torch.ones(b, t, dtype=torch.bool)
     g, bs, local = attn.cfg.n_global, attn.cfg.block_size, attn.local
     lengths = valid.sum(1)
