@@ -7,7 +7,8 @@ field is defined, whichever command (or test) builds the config.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -55,3 +56,13 @@ def choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:
         raise _bad(key, value, f"choose one of {', '.join(map(str, choices))}")
+
+
+def options(owner: str, config_cls: type, given: Mapping[str, Any]) -> Any:
+    """``config_cls(**given)`` for a registry kind's nested ``Config``, or one line naming the
+    options ``owner`` (e.g. ``attention kind 'mha'``) does not have and the ones it has."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ValueError(f"{owner} has no option(s) {unknown}; its options are {sorted(names)}")
+    return config_cls(**given)

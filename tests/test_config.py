@@ -18,6 +18,8 @@ from minillm.cli.app import check_command_line
 from minillm.cli.schema import TrainSchema
 from minillm.cli.train import validate
 from minillm.models import ModelConfig
+from minillm.models.mlp import mlp_config
+from minillm.positions import positions_config
 from minillm.training import LoggerConfig, OptimConfig, TrainerConfig
 from minillm.training.run import DATA_MODULES, RunConfig
 
@@ -187,3 +189,18 @@ def test_train_py_help_lists_groups_and_keys() -> None:
     words = ("attn:", "gated_linear", "mlp: gelu, moe, swiglu", "max_steps", "MINILLM_TRACEBACK")
     for word in words:
         assert word in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "resolve, cfg, line",
+    [
+        (attention_config, {"kind": "local", "windw": 8}, "attention kind 'local'"),
+        (mlp_config, {"kind": "swiglu", "hiden": 8}, "model.mlp: kind 'swiglu'"),
+        (positions_config, {"kind": "rope", "bse": 10.0}, "positions kind 'rope'"),
+    ],
+)
+def test_every_registry_names_an_unknown_option_and_the_valid_ones(resolve, cfg, line) -> None:
+    bad = next(k for k in cfg if k != "kind")
+    with pytest.raises(ValueError, match=rf"^{line} has no option\(s\) \['{bad}'\]; its options"):
+        resolve(cfg)
+    resolve({"kind": cfg["kind"]})  # the kind alone is fine

@@ -5,10 +5,10 @@ Adding a kind = one file in this folder, one line in ``ATTENTION``, one ``conf/a
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from minillm import checks
 from minillm.attention.additive import AdditiveAttention
 from minillm.attention.base import ROLES, Attention
 from minillm.attention.bounded_cache import RecurrentState, RollingKVCache
@@ -68,13 +68,7 @@ def attention_config(cfg: Mapping[str, Any] | str) -> tuple[type[Attention], Any
             f"unknown attention kind {kind!r}; valid kinds: {', '.join(sorted(ATTENTION))}"
         )
     cls, preset = ATTENTION[kind]
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(cfg) - fields)
-    if unknown:
-        raise ValueError(
-            f"attention kind {kind!r} has no option(s) {unknown}; its options are {sorted(fields)}"
-        )
-    return cls, cls.Config(**{**preset, **cfg})
+    return cls, checks.options(f"attention kind {kind!r}", cls.Config, {**preset, **cfg})
 
 
 def build_attention(cfg: Mapping[str, Any] | str, dim: int, n_heads: int, role: str) -> Attention:

@@ -10,7 +10,6 @@ parameters). ``gelu`` uses it as is: GPT-2's 4 * dim is ``model.mlp_hidden=<4 * 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,13 +93,7 @@ def mlp_config(cfg: Mapping[str, Any] | str) -> tuple[type[nn.Module], Any]:
     if kind not in MLPS:
         raise ValueError(f"model.mlp={kind!r}: choose one of {', '.join(MLPS)}")
     cls = MLPS[kind]
-    names = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(cfg) - names)
-    if unknown:
-        raise ValueError(
-            f"model.mlp: kind {kind!r} has no option(s) {unknown}; its options are {sorted(names)}"
-        )
-    return cls, cls.Config(**cfg)
+    return cls, checks.options(f"model.mlp: kind {kind!r}", cls.Config, cfg)
 
 
 def build_mlp(cfg: Mapping[str, Any] | str, dim: int, hidden: int) -> nn.Module:

@@ -7,10 +7,10 @@ attention kind the mechanisms it accepts (``Attention.positions_accepted``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from minillm import checks
 from minillm.positions.alibi import ALiBiPositions, alibi_slopes
 from minillm.positions.base import MECHANISMS, Positions
 from minillm.positions.learned import LearnedPositions
@@ -60,13 +60,7 @@ def positions_config(cfg: Mapping[str, Any] | str) -> tuple[type[Positions], Any
             "(or null: each attention kind's own default)"
         )
     cls = POSITIONS[kind]
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(cfg) - fields)
-    if unknown:
-        raise ValueError(
-            f"positions kind {kind!r} has no option(s) {unknown}; its options are {sorted(fields)}"
-        )
-    return cls, cls.Config(**cfg)
+    return cls, checks.options(f"positions kind {kind!r}", cls.Config, cfg)
 
 
 def build_positions(
