@@ -18,7 +18,7 @@ from minillm.cli.app import check_command_line
 from minillm.cli.schema import TrainSchema
 from minillm.cli.train import validate
 from minillm.models import ModelConfig
-from minillm.models.mlp import mlp_config
+from minillm.models.mlp import MLPS, mlp_config
 from minillm.positions import positions_config
 from minillm.training import LoggerConfig, OptimConfig, TrainerConfig
 from minillm.training.run import DATA_MODULES, RunConfig
@@ -46,12 +46,17 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     validate(cfg)  # every dataclass built: keys known, values in range
 
 
-@pytest.mark.parametrize("kind", sorted(ATTENTION))
-def test_every_registry_kind_is_an_attn_option_without_yaml(kind: str) -> None:
-    cfg = compose([f"attn={kind}"])
-    _, resolved = attention_config(kind)
-    assert cfg["attn"] == {"kind": kind, **dataclasses.asdict(resolved)}
-    assert cfg["model"]["attn"] == cfg["attn"]  # the decoder reads the attn group
+GROUP_KINDS = [("attn", k, attention_config) for k in sorted(ATTENTION)]
+GROUP_KINDS += [("mlp", k, mlp_config) for k in sorted(MLPS)]
+
+
+@pytest.mark.parametrize("group, kind, resolve", GROUP_KINDS)
+def test_every_registry_kind_is_a_group_option_without_yaml(group, kind, resolve) -> None:
+    """attn=<kind> and mlp=<kind> come from the registries, not YAML files."""
+    cfg = compose([f"{group}={kind}"])
+    _, resolved = resolve(kind)
+    assert cfg[group] == {"kind": kind, **dataclasses.asdict(resolved)}
+    assert cfg["model"][group] == cfg[group]  # the model reads the group
 
 
 def _schema_defaults(cls: type) -> dict:

@@ -6,7 +6,6 @@ with it; checkpoints from before the group (``mlp="swiglu"``) resume and export 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import re
 from pathlib import Path
@@ -24,7 +23,7 @@ from minillm.cli.train import validate
 from minillm.hf.export import check_exportable
 from minillm.models import ModelConfig, build_model
 from minillm.models.flops import forward_flops_per_token
-from minillm.models.mlp import MLPS, build_mlp, mlp_config
+from minillm.models.mlp import MLPS, build_mlp
 from minillm.models.moe import MoEMLP
 from minillm.models.sizing import match_params
 from minillm.training.finetune import check_resume, differences, is_explicit
@@ -184,14 +183,6 @@ def test_match_params_matches_active_params_for_moe() -> None:
     router = sum(m.router.weight.numel() for m in moe)
     gap = model.num_params() - inactive - router - reference.num_params()
     assert abs(gap) <= TINY["n_layers"] * 3 * TINY["dim"] * 2  # rounding of hidden to top_k
-
-
-@pytest.mark.parametrize("kind", sorted(MLPS))
-def test_every_registry_kind_is_an_mlp_option_without_yaml(kind: str) -> None:
-    cfg = compose([f"mlp={kind}"])
-    _, resolved = mlp_config(kind)
-    assert cfg["mlp"] == {"kind": kind, **dataclasses.asdict(resolved)}
-    assert cfg["model"]["mlp"] == cfg["mlp"]  # the model reads the mlp group
 
 
 def test_mlp_group_takes_knob_overrides_and_model_mlp_still_works() -> None:
