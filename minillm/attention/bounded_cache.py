@@ -201,7 +201,6 @@ class SparseKVCache(RollingKVCache):
         lookahead: int = 0,
     ) -> None:
         self.n_global = self.first = n_global
-        self.local = local
         super().__init__(batch_size, n_kv_heads, local, head_dim, device, dtype, lookahead)
 
     def update(  # type: ignore[override]

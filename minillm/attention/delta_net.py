@@ -144,7 +144,8 @@ class DeltaNetAttention(Attention):
         self._init_convs(redraw=True)
 
     def _init_convs(self, redraw: bool) -> None:
-        """ "identity": taps (0, ..., 0, 1); else nn.Conv1d's draw (``redraw``: draw again)."""
+        """Taps (0, ..., 0, 1) under conv_init="identity"; else nn.Conv1d's draw, drawn
+        again if ``redraw``."""
         for conv in self.short_convs():
             if self.cfg.conv_init == "identity":
                 with torch.no_grad():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm import checks
-from minillm.models.moe import MoEMLP
+from minillm.models.moe import MoEMLP, init_gated
 
 
 class SwiGLU(nn.Module):
@@ -38,9 +38,7 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.gate_proj.weight, 0.0, std)
-        nn.init.normal_(self.up_proj.weight, 0.0, std)
-        nn.init.normal_(self.down_proj.weight, 0.0, out_std)
+        init_gated(self, std, out_std)
 
 
 class GeluMLP(nn.Module):

@@ -35,6 +35,14 @@ from torch import Tensor, nn
 from minillm import checks
 
 
+def init_gated(mlp: nn.Module, std: float, out_std: float) -> None:
+    """SwiGLU's weights, for ``SwiGLU`` and the stacked experts here (same names): gate and up
+    N(0, std), down N(0, out_std)."""
+    nn.init.normal_(mlp.gate_proj.weight, 0.0, std)
+    nn.init.normal_(mlp.up_proj.weight, 0.0, std)
+    nn.init.normal_(mlp.down_proj.weight, 0.0, out_std)
+
+
 class ExpertLinear(nn.Module):
     """``n`` stacked bias-free linear maps: ``weight`` (n, out, in); expert e is ``weight[e]``."""
 
@@ -93,9 +101,7 @@ class MoEMLP(nn.Module):
         """As SwiGLU's (every expert, the shared one too): gate and up N(0, std), down
         N(0, out_std); the router keeps nn.Linear's default, so routing starts near uniform
         without starting exactly uniform."""
-        nn.init.normal_(self.gate_proj.weight, 0.0, std)
-        nn.init.normal_(self.up_proj.weight, 0.0, std)
-        nn.init.normal_(self.down_proj.weight, 0.0, out_std)
+        init_gated(self, std, out_std)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert ``e`` (SwiGLU) on x (N, dim) -> (N, dim)."""
